@@ -1,0 +1,202 @@
+"""Turning inputs into a shard directory, once, safely.
+
+Every shard directory is built in a hidden temporary sibling and renamed into place when
+complete, so a reader sees either nothing or a finished directory. `ensure_prepared` is
+what the trainer calls on every rank: the first caller to finish publishes the bundled
+corpus into the cache, any other caller discards its copy and uses the published one.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .corpus import DEFAULT_MAX_BYTES, corpus_id, iter_bundled_documents
+from .documents import expand_inputs, iter_documents
+from .errors import DataError
+from .shards import FORMAT_VERSION, INDEX_NAME, ShardIndex, _fsync_dir, read_index, verify_shards
+from .tokenizer import BYTE_SPEC, Tokenizer, load_tokenizer, tokenizer_fingerprint
+from .writer import DEFAULT_SHARD_TOKENS, ShardWriter
+
+BUNDLED = "bundled"
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    """What a prepare run produced."""
+
+    out_dir: Path
+    documents: int
+    tokens: int
+    shards: int
+    seconds: float
+
+    def summary(self) -> str:
+        return (f"{self.out_dir}: {self.documents} documents, {self.tokens} tokens in "
+                f"{self.shards} shard(s) ({self.seconds:.1f} s)")
+
+
+def default_cache_dir() -> Path:
+    """Where the bundled corpus is cached: $DIST_TRAIN_CACHE, else ~/.cache/dist-train."""
+    env = os.environ.get("DIST_TRAIN_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "dist-train"
+
+
+def prepare(inputs: Sequence[str | Path], out_dir: str | Path, tokenizer_spec: str = BYTE_SPEC, *,
+            shard_tokens: int = DEFAULT_SHARD_TOKENS, text_field: str = "text",
+            shard_format: str = "arrow", overwrite: bool = False) -> PrepareResult:
+    """Tokenize text, JSONL and Parquet files (directories are walked) into `out_dir`."""
+    files = expand_inputs(inputs)
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, overwrite)
+    tokenizer = load_tokenizer(tokenizer_spec)
+    docs = (doc for f in files for doc in iter_documents(f, text_field))
+    source = ", ".join(str(i) for i in inputs)
+    return _build(docs, out_dir, tokenizer, shard_tokens, shard_format, source, overwrite)
+
+
+def prepare_bundled(out_dir: str | Path, tokenizer_spec: str = BYTE_SPEC, *,
+                    max_bytes: int = DEFAULT_MAX_BYTES, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+                    overwrite: bool = False) -> PrepareResult:
+    """Tokenize the bundled corpus (the stdlib's sources, `max_bytes` of them) into `out_dir`."""
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, overwrite)
+    tokenizer = load_tokenizer(tokenizer_spec)
+    return _build(iter_bundled_documents(max_bytes), out_dir, tokenizer, shard_tokens, "arrow",
+                  f"bundled {corpus_id(max_bytes)}", overwrite)
+
+
+def prepare_command(inputs: Sequence[str], out_dir: str | Path, tokenizer: str = BYTE_SPEC, *,
+                    text_field: str = "text", shard_tokens: int = DEFAULT_SHARD_TOKENS,
+                    max_bytes: int = DEFAULT_MAX_BYTES, overwrite: bool = False,
+                    verify: bool = False) -> PrepareResult:
+    """The core of `dist-train prepare INPUT... --out DIR [--tokenizer byte|PATH]`.
+
+    The single input `bundled` (when no such file exists) prepares the bundled corpus.
+    With `verify`, the finished directory is re-read and fully checked.
+    """
+    if list(inputs) == [BUNDLED] and not Path(BUNDLED).exists():
+        result = prepare_bundled(out_dir, tokenizer, max_bytes=max_bytes,
+                                 shard_tokens=shard_tokens, overwrite=overwrite)
+    else:
+        result = prepare(inputs, out_dir, tokenizer, shard_tokens=shard_tokens,
+                         text_field=text_field, overwrite=overwrite)
+    if verify:
+        verify_shards(result.out_dir)
+    return result
+
+
+def ensure_prepared(source: str | Path, cache_dir: str | Path | None = None,
+                    tokenizer_spec: str | None = BYTE_SPEC, *,
+                    max_bytes: int = DEFAULT_MAX_BYTES) -> Path:
+    """The shard directory for `data.source`, preparing the bundled corpus on first use.
+
+    `"bundled"` is prepared into `cache_dir` once (safe to call from many processes at
+    once); a directory with index.json is used as is, after checking it was made with
+    `tokenizer_spec` (pass None to skip that check).
+    """
+    if str(source) == BUNDLED:
+        return _ensure_bundled(Path(cache_dir) if cache_dir else default_cache_dir(),
+                               tokenizer_spec or BYTE_SPEC, max_bytes)
+    path = Path(source).expanduser()
+    if path.is_dir() and (path / INDEX_NAME).is_file():
+        index = read_index(path)
+        if tokenizer_spec is not None:
+            _check_tokenizer(path, index, tokenizer_spec)
+        return path
+    if path.is_dir():
+        raise DataError(f"data.source = {str(source)!r} is a directory without {INDEX_NAME}; "
+                        f"prepare it with `dist-train prepare INPUT... --out {path}` or set "
+                        f"data.source = \"bundled\"")
+    raise DataError(f"data.source = {str(source)!r} is neither \"bundled\" nor a directory "
+                    f"prepared by `dist-train prepare`; set it to one of those")
+
+
+# --- internals -------------------------------------------------------------------------
+
+def _check_tokenizer(path: Path, index: ShardIndex, spec: str) -> None:
+    fp = tokenizer_fingerprint(spec)
+    if fp != index.tokenizer_fingerprint:
+        raise DataError(f"{path} was prepared with tokenizer {index.tokenizer_spec!r} but "
+                        f"data.tokenizer = {spec!r} is a different tokenizer; set data.tokenizer "
+                        f"to the one the shards were made with, or re-run `dist-train prepare "
+                        f"--tokenizer {spec}`")
+
+
+def _ensure_bundled(cache_dir: Path, spec: str, max_bytes: int) -> Path:
+    fp = tokenizer_fingerprint(spec)
+    tag = fp if fp.startswith("byte") else "hf-" + fp.split(":", 1)[1][:12]
+    final = cache_dir / f"bundled-{corpus_id(max_bytes)}-{tag}-fmt{FORMAT_VERSION}"
+    if not (final / INDEX_NAME).is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer = load_tokenizer(spec)
+        _build(iter_bundled_documents(max_bytes), final, tokenizer, DEFAULT_SHARD_TOKENS,
+               "arrow", f"bundled {corpus_id(max_bytes)}", replace=False, lose_ok=True)
+    read_index(final)
+    return final
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise DataError(f"--out {out_dir} exists and is not a directory; pick another --out")
+    if not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise DataError(f"--out {out_dir} already exists and is not empty; pick another --out "
+                        f"or pass --overwrite (overwrite=True) to replace it")
+    if not (out_dir / INDEX_NAME).is_file():
+        raise DataError(f"--out {out_dir} is not empty and holds no {INDEX_NAME}, so it is not "
+                        f"a shard directory; refusing to replace it, pick another --out")
+
+
+def _build(docs: Iterable[str], out_dir: Path, tokenizer: Tokenizer, shard_tokens: int,
+           shard_format: str, source: str, replace: bool, lose_ok: bool = False) -> PrepareResult:
+    """Write shards into a temporary sibling of `out_dir`, then publish it by rename."""
+    start = time.perf_counter()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        writer = ShardWriter(tmp, tokenizer, shard_tokens, shard_format, source)
+        for doc in docs:
+            writer.add_document(doc)
+        index = writer.close()
+        published = _publish(tmp, out_dir, replace)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not published and not lose_ok:
+        raise DataError(f"--out {out_dir} was created by another process while this one was "
+                        f"preparing; pick another --out or pass --overwrite")
+    if not published:
+        index = read_index(out_dir)
+    return PrepareResult(out_dir, index.documents, index.total_tokens, len(index.shards),
+                         time.perf_counter() - start)
+
+
+def _publish(tmp: Path, final: Path, replace: bool) -> bool:
+    """Rename the finished `tmp` to `final`; False if another process published first."""
+    if replace and final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        try:
+            os.rename(tmp, final)  # atomic; fails if `final` is a non-empty directory
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and (final / INDEX_NAME).is_file():
+                return False
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise DataError(f"{final} exists but holds no {INDEX_NAME}; delete it and "
+                                f"run again") from None
+            raise
+    _fsync_dir(final.parent)
+    return True

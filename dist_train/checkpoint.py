@@ -1,0 +1,195 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP): model, optimizer, sampler, step, RNG.
+
+DCP writes each rank's shards in parallel and reshards on load, so a run saved with one
+data-parallel layout resumes on another. Around it we add what a long job needs:
+- atomic completion: everything is written to `step-NNNNNN.tmp/` and renamed to
+  `step-NNNNNN/` only once every rank's files and the manifest are on disk; the `latest`
+  pointer is updated after the rename, and only then are old checkpoints pruned (keep K);
+- a manifest (size and CRC32 of every file, each rank checksumming what it wrote) so an
+  incomplete or corrupted checkpoint is detected and named, and `resume = "latest"` falls
+  back to the previous good one;
+- `train_state.json` (step, sampler position, LR schedule) readable without torch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import zlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .errors import UserError
+
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+MANIFEST = "manifest.json"
+TRAIN_STATE = "train_state.json"
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, incomplete or corrupted (the message names it)."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _file_entries(folder: Path, names) -> dict:
+    return {n: {"size": (folder / n).stat().st_size, "crc32": _crc32(folder / n)} for n in names}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def verify(path: Path) -> dict:
+    """Check a checkpoint folder against its manifest; returns its train state."""
+    manifest_path = path / MANIFEST
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not manifest_path.exists():
+        raise CheckpointError(f"checkpoint {path} is incomplete: no {MANIFEST} (the save did not finish)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {path} is corrupted: {MANIFEST} is unreadable") from None
+    for name, want in files.items():
+        f = path / name
+        if not f.exists():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+        if f.stat().st_size != want["size"]:
+            raise CheckpointError(f"checkpoint {path} is corrupted: {name} has {f.stat().st_size} bytes, "
+                                  f"expected {want['size']}")
+        if _crc32(f) != want["crc32"]:
+            raise CheckpointError(f"checkpoint {path} is corrupted: {name} fails its CRC32 check")
+    return json.loads((path / TRAIN_STATE).read_text())
+
+
+class Checkpointer:
+    """Saves and finds checkpoints under `root` (the run's `checkpoints/`)."""
+
+    def __init__(self, root: Path, keep: int, log=print):
+        self.root = Path(root)
+        self.keep = keep
+        self.log = log
+        self.rank = dist.get_rank()
+
+    # ---- saving -------------------------------------------------------------------------
+    def save(self, step: int, model, optimizer, train_state: dict) -> Path:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        final = self.root / step_dir_name(step)
+        tmp = final.with_name(final.name + ".tmp")
+        if self.rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)  # left by a save that crashed; never a complete checkpoint
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        rng_name = f"rng-{self.rank:05d}.pt"
+        torch.save(_rng_state(), tmp / rng_name)
+        mine = [rng_name] + sorted(p.name for p in tmp.glob(f"__{self.rank}_*"))
+        entries = [None] * dist.get_world_size()
+        dist.all_gather_object(entries, _file_entries(tmp, mine))
+        if self.rank == 0:
+            _write_atomic(tmp / TRAIN_STATE, json.dumps({**train_state, "step": step}, indent=1))
+            files: dict = {}
+            for e in entries:
+                files.update(e)
+            files.update(_file_entries(tmp, [".metadata", TRAIN_STATE]))
+            _write_atomic(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_atomic(self.root / "latest", final.name + "\n")
+            self._prune()
+        dist.barrier()
+        return final
+
+    def _prune(self) -> None:
+        done = self.complete_steps()
+        for step in done[:-self.keep]:
+            shutil.rmtree(self.root / step_dir_name(step), ignore_errors=True)
+
+    def complete_steps(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.root.iterdir() if (m := STEP_DIR.match(p.name)))
+
+    # ---- finding and loading ----------------------------------------------------------
+    def find_resumable(self, resume: str) -> Path | None:
+        """The checkpoint to resume from (decided on rank 0, shared with all ranks).
+
+        "latest": the newest checkpoint that verifies, naming each bad one skipped.
+        "none": start fresh. Anything else: that path, which must verify.
+        """
+        choice: list = [None]
+        if self.rank == 0:
+            choice[0] = self._choose(resume)
+        dist.broadcast_object_list(choice, src=0)
+        if isinstance(choice[0], CheckpointError):
+            raise choice[0]
+        return Path(choice[0]) if choice[0] else None
+
+    def _choose(self, resume: str):
+        if resume == "none":
+            return None
+        if resume != "latest":
+            try:
+                verify(Path(resume))
+            except CheckpointError as e:
+                return e
+            return str(resume)
+        for step in reversed(self.complete_steps()):
+            path = self.root / step_dir_name(step)
+            try:
+                verify(path)
+                return str(path)
+            except (CheckpointError, json.JSONDecodeError, OSError) as e:
+                self.log(f"warning: {e}; falling back to the previous checkpoint")
+        return None
+
+    def load(self, path: Path, model, optimizer) -> dict:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        rng = path / f"rng-{self.rank:05d}.pt"
+        if rng.exists():  # absent when resuming on more ranks than saved: keep the fresh seed
+            _set_rng_state(torch.load(rng, weights_only=False))
+        return json.loads((path / TRAIN_STATE).read_text())
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

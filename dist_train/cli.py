@@ -1,0 +1,95 @@
+"""The `dist-train` command: train, local, prepare, report.
+
+User mistakes (bad config, bad data, impossible layout) end in one line naming the field
+and the fix, exit code 2 — never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UserError
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from dist_train.data import DataError
+    from dist_train.kernels import KernelBackendError
+    from dist_train.parallel.dims import MeshError
+
+    return (UserError, DataError, MeshError, KernelBackendError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dist-train", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def config_args(sp):
+        sp.add_argument("config", nargs="?", help="TOML config (default: the built-in tiny config)")
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value, e.g. --set train.steps=20 (repeatable)")
+
+    sp = sub.add_parser("train", help="train inside an already-launched job (torchrun, Ray, `local`)")
+    config_args(sp)
+    sp = sub.add_parser("local", help="train on N simulated ranks on this machine")
+    config_args(sp)
+    sp.add_argument("--nproc", type=int, required=True, help="ranks to start (1 = the single-process reference)")
+    sp.add_argument("--nodes", type=int, default=1, help="simulated nodes; each gets nproc/nodes ranks")
+    sp.add_argument("--max-restarts", type=int, default=0, help="restart the job this often after a failure")
+    sp = sub.add_parser("prepare", help="turn text / JSONL / Parquet files into token shards")
+    sp.add_argument("inputs", nargs="+", help="files or folders (.txt/.md/.py..., .jsonl, .parquet)")
+    sp.add_argument("--out", required=True, help="output folder for the shards")
+    sp.add_argument("--tokenizer", default="byte", help="'byte' or a HF tokenizer.json")
+    sp.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
+    sp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    sp = sub.add_parser("report", help="draw a run's curves to RUN_DIR/report/*.png")
+    sp.add_argument("run_dir")
+    return p
+
+
+def _local(args) -> None:
+    from dist_train.data import ensure_prepared
+    from dist_train.launchers.local import launch_local
+
+    from .config import load_config
+    from .trainer import check_run_dir, parallel_dims
+
+    cfg = load_config(args.config, args.overrides)  # fail here, once, before any rank starts
+    parallel_dims(cfg, args.nproc)
+    check_run_dir(cfg)
+    ensure_prepared(cfg.data.source, cfg.data.cache_dir or None, cfg.data.tokenizer)
+    launch_local(args.config, args.overrides, args.nproc, args.nodes, args.max_restarts)
+
+
+def _prepare(args) -> None:
+    from dist_train.data import prepare_command
+
+    print(prepare_command(args.inputs, args.out, args.tokenizer, text_field=args.text_field,
+                          overwrite=args.overwrite))
+
+
+def run(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.command == "train":
+        from .config import load_config
+        from .trainer import train
+
+        train(load_config(args.config, args.overrides))
+    elif args.command == "local":
+        _local(args)
+    elif args.command == "prepare":
+        _prepare(args)
+    elif args.command == "report":
+        from .report import write_report
+
+        print(f"report: {write_report(args.run_dir)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        run(argv)
+    except _user_errors() as e:
+        print(f"dist-train: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

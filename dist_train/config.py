@@ -1,0 +1,280 @@
+"""Run configuration: TOML sections, `--set section.key=value` overrides, validation.
+
+Every field is declared once below (type, default, allowed range or choices, help), so
+loading, overriding, validating and writing the resolved config share one table. Errors
+name the field and say how to fix it. Checks that need the world size (mesh product,
+batch divisibility) live in `validate_for_world`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+import tomli_w
+
+from .errors import ConfigError
+
+
+def _f(default, help: str, *, min=None, max=None, choices=None):
+    meta = {"help": help, "min": min, "max": max, "choices": choices}
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunSection:
+    name: str = _f("demo", "run name; the run directory is <dir>/<name>")
+    dir: str = _f("runs", "parent folder of run directories")
+    seed: int = _f(1234, "seed for weights, data order and dropout", min=0)
+
+
+@dataclass
+class ModelSection:
+    preset: str = _f("tiny", "shape preset; fields set explicitly override it")
+    dim: int = _f(64, "model width", min=8)
+    n_layers: int = _f(4, "transformer blocks", min=1)
+    n_heads: int = _f(4, "query heads", min=1)
+    n_kv_heads: int = _f(2, "key/value heads (grouped-query attention)", min=1)
+    vocab_size: int = _f(0, "vocabulary size; 0 = the tokenizer's, rounded up to a multiple of 64", min=0)
+    ffn_dim: int = _f(0, "SwiGLU hidden size; 0 = 8/3 x dim rounded up to a multiple of 64", min=0)
+    tie_embeddings: bool = _f(False, "share the embedding and output head weights")
+    rope_theta: float = _f(10000.0, "RoPE base", min=1.0)
+    norm_eps: float = _f(1e-5, "RMSNorm epsilon", min=0.0)
+    init_std: float = _f(0.02, "std of the normal init of weight matrices", min=0.0)
+    moe_experts: int = _f(0, "experts per MoE layer; 0 = dense model", min=0)
+    moe_top_k: int = _f(2, "experts each token is routed to", min=1)
+    moe_every: int = _f(1, "every n-th block is an MoE block", min=1)
+
+
+@dataclass
+class DataSection:
+    source: str = _f("bundled", "'bundled' (the stdlib corpus) or a folder made by `dist-train prepare`")
+    tokenizer: str = _f("byte", "'byte' or the path of a HF tokenizer.json")
+    seq_len: int = _f(128, "tokens per sample", min=2)
+    cache_dir: str = _f("", "where the bundled corpus is prepared; empty = ~/.cache/dist-train")
+
+
+@dataclass
+class TrainSection:
+    steps: int = _f(50, "optimizer steps", min=1)
+    global_batch: int = _f(16, "samples per optimizer step over all data-parallel ranks", min=1)
+    micro_batch: int = _f(2, "samples per forward/backward on one rank", min=1)
+    lr: float = _f(3e-3, "peak learning rate", min=0.0)
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr (cosine decay)", min=0.0, max=1.0)
+    warmup: int = _f(5, "linear warm-up steps", min=0)
+    weight_decay: float = _f(0.1, "AdamW weight decay (matrices only)", min=0.0)
+    beta1: float = _f(0.9, "AdamW beta1", min=0.0, max=1.0)
+    beta2: float = _f(0.95, "AdamW beta2", min=0.0, max=1.0)
+    grad_clip: float = _f(1.0, "global gradient-norm clip; 0 = off", min=0.0)
+    dtype: str = _f("auto", "compute dtype; auto = fp32 on CPU, bf16 on GPU", choices=("auto", "fp32", "bf16"))
+
+
+@dataclass
+class ParallelSection:
+    dp_replicate: int = _f(1, "replicated data-parallel degree (HSDP outer dim)", min=1)
+    dp_shard: int = _f(-1, "sharded data-parallel degree (FSDP); -1 = every rank the others leave", min=-1)
+    tp: int = _f(1, "tensor-parallel degree", min=1)
+    pp: int = _f(1, "pipeline-parallel degree", min=1)
+    pp_schedule: str = _f("1f1b", "pipeline schedule", choices=("gpipe", "1f1b", "interleaved", "layered"))
+    ep: int = _f(1, "expert-parallel degree (borrows dp_shard x tp ranks)", min=1)
+    a2a: str = _f("flat", "MoE all-to-all", choices=("flat", "hierarchical"))
+
+
+@dataclass
+class DilocoSection:
+    enabled: bool = _f(False, "synchronise replicas with DiLoCo")
+    inner_steps: int = _f(100, "inner steps between outer synchronisations", min=1)
+    outer_lr: float = _f(0.7, "outer Nesterov learning rate", min=0.0)
+    outer_momentum: float = _f(0.9, "outer Nesterov momentum", min=0.0, max=1.0)
+    quantize: bool = _f(False, "send pseudo-gradients as int8")
+    replicas: int = _f(1, "DiLoCo replicas (outermost mesh dim)", min=1)
+
+
+@dataclass
+class CheckpointSection:
+    every: int = _f(0, "save every n steps (and at the end); 0 = never", min=0)
+    keep: int = _f(3, "complete checkpoints kept", min=1)
+    resume: str = _f("latest", "'latest' (if any), 'none' (refuse an existing run), or a checkpoint path")
+
+
+@dataclass
+class C4Section:
+    enabled: bool = _f(False, "watch collectives and name hung or slow ranks and links")
+
+
+@dataclass
+class FaultSection:
+    inject: list = _f(list, "fault injections for drills, e.g. ['delay:rank=1,ms=50']")
+
+
+@dataclass
+class KernelsSection:
+    backend: str = _f("auto", "kernel backend; auto = Triton on CUDA, torch elsewhere", choices=("auto", "torch", "triton"))
+
+
+@dataclass
+class MetricsSection:
+    progress: bool = _f(True, "progress bar on rank 0")
+    tensorboard: bool = _f(False, "also write TensorBoard event files (needs the tensorboard extra)")
+    log_every: int = _f(1, "write metrics every n steps", min=1)
+
+
+SECTIONS = {
+    "run": RunSection, "model": ModelSection, "data": DataSection, "train": TrainSection,
+    "parallel": ParallelSection, "diloco": DilocoSection, "checkpoint": CheckpointSection,
+    "c4": C4Section, "fault": FaultSection, "kernels": KernelsSection, "metrics": MetricsSection,
+}
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    diloco: DilocoSection = field(default_factory=DilocoSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    c4: C4Section = field(default_factory=C4Section)
+    fault: FaultSection = field(default_factory=FaultSection)
+    kernels: KernelsSection = field(default_factory=KernelsSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(options)}"
+
+
+def _field_spec(section: str, key: str) -> dataclasses.Field:
+    cls = SECTIONS.get(section)
+    if cls is None:
+        raise ConfigError(f"unknown config section [{section}]{_suggest(section, SECTIONS)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if key not in fields:
+        raise ConfigError(f"unknown config key {section}.{key}{_suggest(key, fields)}")
+    return fields[key]
+
+
+def _type_name(t) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}[t]
+
+
+def _coerce(section: str, key: str, value: Any) -> Any:
+    """Check one value against its field's declared type, range and choices."""
+    spec = _field_spec(section, key)
+    kind = {"int": int, "float": float, "bool": bool, "str": str, "list": list}[spec.type]
+    where = f"{section}.{key} = {value!r}"
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ConfigError(f"{where}: must be {_type_name(kind)} ({spec.metadata['help']})")
+    meta = spec.metadata
+    if meta["choices"] and value not in meta["choices"]:
+        raise ConfigError(f"{where}: must be one of {', '.join(map(repr, meta['choices']))}"
+                          f"{_suggest(str(value), meta['choices'])}")
+    if meta["min"] is not None and value < meta["min"]:
+        raise ConfigError(f"{where}: must be >= {meta['min']} ({meta['help']})")
+    if meta["max"] is not None and value > meta["max"]:
+        raise ConfigError(f"{where}: must be <= {meta['max']} ({meta['help']})")
+    return value
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`section.key=value` with value as a TOML literal; bare words are strings."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. --set train.steps=20")
+    path, raw = text.split("=", 1)
+    section, key = path.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key, value
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; pass a TOML file such as configs/tiny.toml") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory; pass a TOML file such as configs/tiny.toml") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def build_config(raw: dict, overrides: list[tuple[str, str, Any]] = ()) -> Config:
+    """Config from nested dict + overrides; model presets fill fields not set explicitly."""
+    from .model import MODEL_PRESETS
+
+    flat: dict[tuple[str, str], Any] = {}
+    for section, body in raw.items():
+        if not isinstance(body, dict):
+            raise ConfigError(f"config entry {section!r} must be a [section] table{_suggest(section, SECTIONS)}")
+        for key, value in body.items():
+            flat[(section, key)] = _coerce(section, key, value)
+    for section, key, value in overrides:
+        flat[(section, key)] = _coerce(section, key, value)
+
+    cfg = Config()
+    preset = flat.get(("model", "preset"), cfg.model.preset)
+    if preset not in MODEL_PRESETS:
+        raise ConfigError(f"model.preset = {preset!r} is not a preset{_suggest(preset, MODEL_PRESETS)}")
+    for key, value in MODEL_PRESETS[preset].items():
+        setattr(cfg.model, key, value)
+    for (section, key), value in flat.items():
+        setattr(getattr(cfg, section), key, value)
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    raw = _read_toml(Path(path)) if path else {}
+    return build_config(raw, [parse_override(o) for o in overrides])
+
+
+def _validate(cfg: Config) -> None:
+    """Checks across fields that hold whatever the world size."""
+    m, t = cfg.model, cfg.train
+    if m.dim % m.n_heads:
+        raise ConfigError(f"model.dim = {m.dim} is not divisible by model.n_heads = {m.n_heads}; "
+                          "choose n_heads dividing dim")
+    if (m.dim // m.n_heads) % 2:
+        raise ConfigError(f"model.dim / model.n_heads = {m.dim // m.n_heads} is odd; RoPE needs an even head dim")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_kv_heads = {m.n_kv_heads} must divide model.n_heads = {m.n_heads}")
+    if m.moe_experts and m.moe_top_k > m.moe_experts:
+        raise ConfigError(f"model.moe_top_k = {m.moe_top_k} exceeds model.moe_experts = {m.moe_experts}")
+    if t.global_batch % t.micro_batch:
+        raise ConfigError(f"train.global_batch = {t.global_batch} is not divisible by train.micro_batch = "
+                          f"{t.micro_batch}; make global_batch a multiple of micro_batch")
+    if cfg.parallel.dp_shard == 0:
+        raise ConfigError("parallel.dp_shard = 0: use a positive degree or -1 for every rank the others leave")
+    r = cfg.checkpoint.resume
+    if r not in ("latest", "none") and not Path(r).exists():
+        raise ConfigError(f"checkpoint.resume = {r!r}: no such checkpoint; use 'latest', 'none' or an existing path")
+    if not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", ".."):
+        raise ConfigError(f"run.name = {cfg.run.name!r}: must be a plain folder name, e.g. 'tiny-1'")

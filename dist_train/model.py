@@ -1,0 +1,226 @@
+"""Llama-style decoder: token embedding, RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
+
+Every norm, rotary embedding, attention, activation and the loss goes through
+`dist_train.kernels`, so the Triton/torch choice never touches the block's structure.
+Blocks sit in a ModuleDict keyed by layer index so a pipeline stage can drop the ones it
+does not own and keep checkpoint names stable. `Block.feed_forward` is built by
+`build_feed_forward`, the one place an MoE layer will plug in.
+
+Init (documented because layouts must agree on it): every weight matrix ~ N(0, init_std);
+the two projections that write into the residual stream (attention `wo`, MLP `w2`) use
+init_std / sqrt(2 * n_layers) (GPT-2's residual scaling); norm weights are 1. Each
+parameter draws from its own generator seeded by (seed, parameter name), so the values do
+not depend on how the model is sharded or split.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from dist_train import kernels as K
+
+MODEL_PRESETS: dict[str, dict] = {
+    "tiny": dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=0, vocab_size=0),
+    "small": dict(dim=256, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=0, vocab_size=0),
+    "llama-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
+                     vocab_size=128256, rope_theta=500000.0, tie_embeddings=True),
+    "llama-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                     vocab_size=128256, rope_theta=500000.0),
+}
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclass
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    ffn_dim: int
+    max_seq_len: int
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_config(cls, model_cfg, seq_len: int, tokenizer_vocab: int) -> "ModelArgs":
+        vocab = model_cfg.vocab_size or round_up(tokenizer_vocab, 64)
+        ffn = model_cfg.ffn_dim or round_up(int(8 * model_cfg.dim / 3), 64)
+        return cls(dim=model_cfg.dim, n_layers=model_cfg.n_layers, n_heads=model_cfg.n_heads,
+                   n_kv_heads=model_cfg.n_kv_heads, vocab_size=vocab, ffn_dim=ffn, max_seq_len=seq_len,
+                   tie_embeddings=model_cfg.tie_embeddings, rope_theta=model_cfg.rope_theta,
+                   norm_eps=model_cfg.norm_eps, init_std=model_cfg.init_std)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return K.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention. Head counts are read from the projections'
+    output sizes, so a tensor-parallel shard simply holds fewer heads."""
+
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.head_dim = a.head_dim
+        self.wq = nn.Linear(a.dim, a.n_heads * a.head_dim, bias=False)
+        self.wk = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=False)
+        self.wv = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=False)
+        self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
+
+    def forward(self, x, cos, sin):
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+        q, k = K.apply_rope(q, k, cos[:s], sin[:s])
+        out = K.flash_attention(q, k, v, causal=True)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(K.swiglu(self.w1(x), self.w3(x)))
+
+
+def build_feed_forward(a: ModelArgs, layer_id: int) -> nn.Module:
+    """The MLP of block `layer_id` (the hook where an MoE layer replaces the dense one)."""
+    return FeedForward(a.dim, a.ffn_dim)
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs, layer_id: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(a.dim, a.norm_eps)
+        self.attention = Attention(a)
+        self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
+        self.feed_forward = build_feed_forward(a, layer_id)
+
+    def forward(self, x, cos, sin):
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Embedding -> blocks -> final norm; the head is applied by `loss` (fused with the
+    cross-entropy) or `logits`. A pipeline stage may set `tok_embeddings`, `norm` or
+    `output` to None and delete blocks; forward then passes activations through."""
+
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.args = a
+        self.tok_embeddings = nn.Embedding(a.vocab_size, a.dim)
+        self.layers = nn.ModuleDict({str(i): Block(a, i) for i in range(a.n_layers)})
+        self.norm = RMSNorm(a.dim, a.norm_eps)
+        self.output = None if a.tie_embeddings else nn.Linear(a.dim, a.vocab_size, bias=False)
+        self.loss_fn = K.linear_cross_entropy  # (hidden, head_weight, targets) -> mean loss
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+
+    def init_buffers(self, device=None) -> None:
+        cos, sin = K.rope_tables(self.args.max_seq_len, self.args.head_dim, self.args.rope_theta, device)
+        self.rope_cos, self.rope_sin = cos, sin
+
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states, or with `targets` the mean next-token loss. The loss is computed
+        inside forward so that wrappers which gather parameters around forward (FSDP2)
+        have the head's weight in hand."""
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        if self.rope_cos.numel() == 0 or self.rope_cos.device != h.device:
+            self.init_buffers(h.device)
+        for block in self.layers.values():
+            h = block(h, self.rope_cos, self.rope_sin)
+        h = self.norm(h) if self.norm is not None else h
+        return h if targets is None else self.loss(h, targets)
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy, fused with the head: full logits never exist.
+        Tensor parallelism swaps `loss_fn` for the vocab-parallel one."""
+        return self.loss_fn(hidden, self.head_weight(), targets)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.head_weight().t()
+
+
+def _residual_out(name: str) -> bool:
+    return name.endswith("attention.wo.weight") or name.endswith("feed_forward.w2.weight")
+
+
+def param_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+@torch.no_grad()
+def init_weights(model: Transformer, seed: int) -> None:
+    """Initialise in place, layout-independently (see module docstring).
+
+    Works on plain, FSDP2-sharded and tensor-parallel (DTensor) parameters: each full
+    tensor is drawn on the CPU and this rank keeps its own shard of it.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    a = model.args
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            full = torch.ones(p.shape)
+        else:
+            std = a.init_std / math.sqrt(2 * a.n_layers) if _residual_out(name) else a.init_std
+            g = torch.Generator().manual_seed(param_seed(seed, name))
+            full = torch.randn(p.shape, generator=g) * std
+        if isinstance(p, DTensor):
+            local = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+            p.to_local().copy_(local)
+        else:
+            p.copy_(full)
+    model.init_buffers(next(model.parameters()).device)
+
+
+def count_params(a: ModelArgs) -> dict:
+    """Parameters in total and without the embedding (the usual FLOP-count convention);
+    from the shapes, so it is the same on every rank whatever the sharding."""
+    total = a.vocab_size * a.dim * (1 if a.tie_embeddings else 2)
+    per_block = (2 * a.dim  # norms
+                 + a.dim * a.n_heads * a.head_dim * 2 + a.dim * a.n_kv_heads * a.head_dim * 2
+                 + 3 * a.dim * a.ffn_dim)
+    total += a.n_layers * per_block + a.dim
+    return {"total": total, "non_embedding": total - a.vocab_size * a.dim}
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 x matmul parameters (head included)
+    plus causal attention scores and values, 12 x n_layers x dim x seq_len (Kaplan et al.
+    2020, PaLM appendix B)."""
+    matmul = (args.n_layers * (2 * args.dim * args.n_heads * args.head_dim
+                               + 2 * args.dim * args.n_kv_heads * args.head_dim + 3 * args.dim * args.ffn_dim)
+              + args.vocab_size * args.dim)
+    return 6.0 * matmul + 12.0 * args.n_layers * args.dim * seq_len

@@ -1,0 +1,296 @@
+"""The training loop of one rank: build mesh, data, model and optimizer; step; checkpoint.
+
+The order follows TorchTitan's: resolve `ParallelDims` from the config and the world
+size, build the one device mesh, build the model on the meta device, apply each
+parallelism's `parallelize` function with the mesh it needs (today: FSDP2 / HSDP over
+the data-parallel dims), materialise, initialise layout-independently, then train.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dist_train import kernels
+from dist_train.fault.collectives import name_mesh_groups
+from dist_train.data import DistributedBatchSampler, TokenDataset, ensure_prepared, load_tokenizer
+from dist_train.parallel.clip import clip_grad_norm_
+from dist_train.parallel.data_parallel import apply_fsdp, dp_mesh_for, set_gradient_sync
+from dist_train.parallel.dims import ParallelDims
+from dist_train.parallel.tensor_parallel import apply_tp, check_tp_shapes
+
+from .checkpoint import Checkpointer
+from .config import Config, ConfigError
+from .distributed import RankEnv, init_distributed, pick_device
+from .metrics import COMM_KINDS, MetricsWriter, peak_memory_bytes
+from .model import ModelArgs, Transformer, count_params, init_weights
+
+NOT_YET = {"pp": "pipeline parallelism", "ep": "expert parallelism"}
+
+
+def parallel_dims(cfg: Config, world_size: int) -> ParallelDims:
+    """The layout for this world size, refusing what this version cannot run yet."""
+    p = cfg.parallel
+    for key, what in NOT_YET.items():
+        if getattr(p, key) > 1:
+            raise ConfigError(f"parallel.{key} = {getattr(p, key)}: {what} is not available yet in "
+                              f"this version; set parallel.{key} = 1")
+    if cfg.diloco.enabled:
+        raise ConfigError("diloco.enabled = true: DiLoCo is not available yet in this version; set it to false")
+    if cfg.model.moe_experts:
+        raise ConfigError(f"model.moe_experts = {cfg.model.moe_experts}: mixture-of-experts layers are not "
+                          "available yet in this version; set model.moe_experts = 0")
+    dims = ParallelDims.resolve(world_size, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard,
+                                tp=p.tp, pp=p.pp, ep=p.ep, diloco=cfg.diloco.replicas)
+    if dims.tp > 1:  # the vocabulary is checked once the tokenizer is known
+        a = ModelArgs.from_config(cfg.model, cfg.data.seq_len, tokenizer_vocab=1)
+        check_tp_shapes(dims.tp, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, ffn_dim=a.ffn_dim,
+                        vocab_size=cfg.model.vocab_size or None)
+    t = cfg.train
+    if t.global_batch % (dims.dp_size * t.micro_batch):
+        raise ConfigError(
+            f"train.global_batch = {t.global_batch} must be divisible by dp x micro_batch = "
+            f"{dims.dp_size} x {t.micro_batch} = {dims.dp_size * t.micro_batch} "
+            f"(dp = dp_replicate x dp_shard = {dims.dp_replicate} x {dims.dp_shard}); "
+            f"set train.global_batch to a multiple of {dims.dp_size * t.micro_batch}")
+    return dims
+
+
+def check_run_dir(cfg: Config) -> None:
+    """With checkpoint.resume = "none", refuse a run directory that already holds a run:
+    starting over there would overwrite its metrics and checkpoints."""
+    run_dir = cfg.run_dir
+    if cfg.checkpoint.resume == "none" and ((run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()):
+        raise ConfigError(f"run directory {run_dir} already holds a run and checkpoint.resume = 'none'; "
+                          "choose a new run.name, or set checkpoint.resume = 'latest' to continue it")
+
+
+def write_resolved_config(cfg: Config, start_step: int) -> None:
+    """Write run_dir/config.toml; a resumed run with another config keeps the old one
+    as config.before-step-NNNNNN.toml."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    path, text = cfg.run_dir / "config.toml", cfg.to_toml()
+    if path.exists() and path.read_text() != text:
+        path.rename(path.with_name(f"config.before-step-{start_step:06d}.toml"))
+    path.write_text(text)
+
+
+def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    if cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def lr_lambda(cfg: Config):
+    t = cfg.train
+
+    def fn(step: int) -> float:  # step = optimizer steps already taken
+        if t.warmup and step < t.warmup:
+            return (step + 1) / t.warmup
+        progress = min(1.0, (step - t.warmup) / max(1, t.steps - t.warmup))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module):
+    t = cfg.train
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, foreach=True)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.env = RankEnv.from_environ()
+        self.device = pick_device(self.env)
+        self.recorder = init_distributed(self.env, self.device)
+        self.rank = dist.get_rank()
+        self.dims = parallel_dims(cfg, dist.get_world_size())
+        self.mesh, self.dp_mesh = self.dims.build_mesh(self.device.type)
+        name_mesh_groups(self.mesh)
+        kernels.set_default_backend(cfg.kernels.backend)
+        self.run_dir = cfg.run_dir
+        self._setup_data()
+        self._setup_model()
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, log=self.log)
+
+    def log(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, flush=True)
+
+    # ---- setup --------------------------------------------------------------------------
+    def _setup_data(self) -> None:
+        d = self.cfg.data
+        shard_dir = None
+        if self.rank == 0:  # one rank prepares the bundled corpus; the others wait, then read
+            shard_dir = ensure_prepared(d.source, d.cache_dir or None, d.tokenizer)
+        with self.recorder.paused():
+            box = [str(shard_dir) if shard_dir else None]
+            dist.broadcast_object_list(box, src=0)
+        self.tokenizer = load_tokenizer(d.tokenizer)
+        self.dataset = TokenDataset(box[0], d.seq_len)
+        dp_mesh = self.dp_mesh
+        self.sampler = DistributedBatchSampler(
+            len(self.dataset), global_batch=self.cfg.train.global_batch, micro_batch=self.cfg.train.micro_batch,
+            dp_size=dp_mesh.size(), dp_rank=dp_mesh.get_local_rank(), seed=self.cfg.run.seed)
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        self.args = ModelArgs.from_config(cfg.model, cfg.data.seq_len, self.dataset.vocab_size)
+        with torch.device("meta"):
+            model = Transformer(self.args)
+        self.dtype = compute_dtype(cfg, self.device)
+        if self.dims.tp > 1:
+            a = self.args
+            check_tp_shapes(self.dims.tp, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, ffn_dim=a.ffn_dim,
+                            vocab_size=a.vocab_size)
+            apply_tp(model, self.mesh["tp"])
+        if self.dims.fsdp_enabled:
+            apply_fsdp(model, model.layers.values(), dp_mesh_for(self.mesh, self.dims.dp_replicate),
+                       param_dtype=self.dtype if self.dtype != torch.float32 else None)
+        model.to_empty(device=self.device)
+        init_weights(model, cfg.run.seed)
+        self.model = model
+        self.optimizer, self.scheduler = build_optimizer(cfg, model)
+        # A one-rank job has no FSDP to cast for it: autocast gives it the same mixed precision.
+        self.autocast = (torch.autocast(self.device.type, dtype=self.dtype)
+                         if self.dtype != torch.float32 and not self.dims.fsdp_enabled else nullcontext())
+
+    # ---- state --------------------------------------------------------------------------
+    def resume(self) -> int:
+        path = self.checkpointer.find_resumable(self.cfg.checkpoint.resume)
+        if path is None:
+            return 0
+        with self.recorder.paused():
+            state = self.checkpointer.load(path, self.model, self.optimizer)
+        self.sampler.load_state_dict(state["sampler"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.log(f"resumed from {path} at step {state['step']}")
+        return state["step"]
+
+    def save(self, step: int) -> None:
+        state = {"sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "layout": self.dims.describe(), "world_size": self.dims.world_size}
+        with self.recorder.paused():
+            path = self.checkpointer.save(step, self.model, self.optimizer, state)
+        self.log(f"saved {path}")
+
+    # ---- one step -----------------------------------------------------------------------
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over this rank's micro-batches; returns (local mean loss, grad norm)."""
+        micro_batches = self.sampler.next_step()
+        n = len(micro_batches)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, indices in enumerate(micro_batches):
+            inputs, targets = self.dataset.batch(indices)
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            set_gradient_sync(self.model, i == n - 1)
+            with self.autocast:
+                loss = self.model(inputs, targets) / n
+            loss.backward()
+            loss_sum += loss.detach().float()
+        grad_norm = clip_grad_norm_(list(self.model.parameters()), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, grad_norm
+
+    def _step_record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, step_time: float) -> dict:
+        """Reduce this step's numbers over ranks (one all-gather, not counted as the step's comm)."""
+        comm = self.recorder.step_summary(reset=True)
+        local = [loss.item(), float(peak_memory_bytes(self.device)), step_time]
+        for kind in COMM_KINDS:
+            local += [comm.get(kind, {}).get("count", 0), comm.get(kind, {}).get("bytes", 0)]
+        mine = torch.tensor(local, dtype=torch.float64)
+        rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        with self.recorder.paused():
+            dist.all_gather(rows, mine)
+        table = torch.stack(rows)
+        tokens = self.cfg.train.global_batch * self.cfg.data.seq_len
+        step_time = float(table[:, 2].max())
+        record = {
+            "step": step,
+            "loss": float(table[:, 0].mean()),  # every rank holds its data-parallel share's mean
+            "lr": self.scheduler.get_last_lr()[0],
+            "tokens": tokens * step,
+            "tokens_per_s": tokens / step_time,
+            "grad_norm": float(grad_norm),
+            "step_time_s": step_time,
+            "peak_memory_bytes": int(table[:, 1].max()),
+            "comm": {kind: {"count": int(table[:, 3 + 2 * i].sum()), "bytes": int(table[:, 4 + 2 * i].sum())}
+                     for i, kind in enumerate(COMM_KINDS)},
+        }
+        return record
+
+    # ---- the loop -----------------------------------------------------------------------
+    def fit(self) -> Path:
+        cfg = self.cfg
+        if self.rank == 0:
+            check_run_dir(cfg)
+        start = self.resume()
+        writer = None
+        if self.rank == 0:
+            write_resolved_config(cfg, start)
+            writer = MetricsWriter(self.run_dir, resume_step=start, tensorboard=cfg.metrics.tensorboard)
+            nodes = self.env.world_size // self.env.local_world_size
+            self.log(f"dist-train: {self.dims.describe()}, {self.env.world_size} rank(s) on {nodes} node(s) "
+                     f"({self.device.type}), "
+                     f"{count_params(self.args)['total'] / 1e6:.2f}M parameters, steps {start}..{cfg.train.steps}")
+        progress = _progress(cfg, start) if self.rank == 0 else None
+        self.recorder.step_summary(reset=True)  # start-up collectives are not a step's
+        try:
+            for step in range(start + 1, cfg.train.steps + 1):
+                t0 = time.perf_counter()
+                loss, grad_norm = self.train_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                record = self._step_record(step, loss, grad_norm, time.perf_counter() - t0)
+                if writer is not None and (step % cfg.metrics.log_every == 0 or step == cfg.train.steps):
+                    writer.write(record)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    progress.update(1)
+                every = cfg.checkpoint.every
+                if every and (step % every == 0 or step == cfg.train.steps):
+                    self.save(step)
+        finally:
+            if progress is not None:
+                progress.close()
+            if writer is not None:
+                writer.close()
+        return self.run_dir
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _progress(cfg: Config, start: int):
+    if not cfg.metrics.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.train.steps, initial=start, desc=cfg.run.name, unit="step", dynamic_ncols=True)
+
+
+def train(cfg: Config) -> Path:
+    trainer = Trainer(cfg)
+    try:
+        run_dir = trainer.fit()
+        if trainer.rank == 0:
+            from .report import write_report
+
+            report = write_report(run_dir)
+            print(f"run directory: {run_dir}\nreport: {report}", flush=True)
+        return run_dir
+    finally:
+        trainer.close()

@@ -1,0 +1,222 @@
+"""Per-process bookkeeping of collectives: step totals, recent records, pending ops.
+
+Kept free of torch.distributed so it can be unit-tested and read by a side
+thread (the C4 publisher) without touching process groups. The observing
+process-group backend in `collectives.py` feeds it; this file only counts.
+
+Byte convention (`CollectiveRecord.nbytes`), the payload this rank contributes
+or receives as the caller asked for it:
+  all_gather: output bytes · reduce_scatter: input bytes · all_reduce: tensor
+  bytes · all_to_all: input bytes · send/recv: tensor bytes · broadcast and
+  reduce: tensor bytes · gather: input bytes · scatter: output bytes · barrier: 0.
+On gloo a reduce-scatter runs as an all-reduce of the full input underneath
+(about twice the traffic of a real reduce-scatter); it is still counted as the
+reduce_scatter the caller asked for, with the same bytes, so counts match NCCL.
+
+Threading: collectives are issued and waited from one thread at a time (the
+training loop); readers on other threads only take snapshots (`records`,
+`pending`, `group_states`), which copy containers in single C calls under the
+GIL and never block the hot path.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import time
+from typing import Callable, Iterator
+
+# Aggregate kinds. The first five always appear in `step_summary`.
+MAIN_KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "send_recv")
+KINDS = MAIN_KINDS + ("broadcast", "barrier", "other")
+
+_now = time.monotonic_ns
+
+
+class CollectiveRecord:
+    """One collective (or one send/recv) as this rank issued it.
+
+    `seq` counts collectives on the group (same on every member if they issue
+    the same collectives); for send/recv it counts p2p ops between this rank
+    and that peer on the group, which matches on both ends. `peers` holds
+    global ranks: the group's ranks, or (src, dst) for p2p. Times are
+    `time.monotonic_ns()`; `t_exit` is 0 while pending and is stamped when the
+    caller's `wait()` returns (exact for blocking calls, an upper bound for
+    work waited on later).
+    """
+
+    __slots__ = ("group", "op", "kind", "seq", "nbytes", "peers",
+                 "t_enter", "t_exit", "counted", "error")
+
+    def __init__(self, group, op, kind, seq, nbytes, peers, counted):
+        self.group = group
+        self.op = op
+        self.kind = kind
+        self.seq = seq
+        self.nbytes = nbytes
+        self.peers = peers
+        self.t_enter = 0
+        self.t_exit = 0
+        self.counted = counted
+        self.error = None
+
+    def as_dict(self) -> dict:
+        """Plain dict (JSON-ready) for publishing or logging."""
+        return {s: getattr(self, s) for s in self.__slots__} | {"peers": list(self.peers)}
+
+    def __repr__(self) -> str:
+        dur = (self.t_exit - self.t_enter) / 1e3 if self.t_exit else None
+        return (f"CollectiveRecord({self.group}#{self.seq} {self.op} {self.nbytes}B "
+                f"peers={list(self.peers)} dur_us={dur})")
+
+
+# A fault hook sees each record (op, group, seq, peers are set) just before
+# the real call is issued. The record is already pending with t_enter == 0, so
+# a held op reads as "issued, not entered". Sleeping models a rank that
+# arrives late; blocking models a hang at the Nth op; raising fails the op.
+FaultHook = Callable[[CollectiveRecord], None]
+
+
+class GroupState:
+    """What the C4 detector needs per group, updated in place on the hot path."""
+
+    __slots__ = ("name", "gid", "ranks", "seq", "pending", "last_completed",
+                 "p2p_seq", "p2p_last")
+
+    def __init__(self, name, ranks):
+        self.name = name  # None until resolved (mesh dim name or ranks)
+        self.gid = None  # torch's group name: unique, the same on every member
+        self.ranks = tuple(ranks)
+        self.seq = 0
+        self.pending: dict = {}  # insertion-ordered set of CollectiveRecord
+        self.last_completed: CollectiveRecord | None = None  # collectives only
+        self.p2p_seq: dict = {}  # peer global rank -> count
+        self.p2p_last: dict = {}  # peer global rank -> last completed p2p record
+
+    def end(self, rec: CollectiveRecord) -> None:
+        """Stamp exit once; move the record from pending to last completed."""
+        if rec.t_exit:
+            return
+        rec.t_exit = _now()
+        self.pending.pop(rec, None)
+        if rec.kind == "send_recv":
+            self.p2p_last[rec.peers[0] if rec.op.startswith("recv") else rec.peers[1]] = rec
+        else:
+            self.last_completed = rec
+
+    def fail(self, rec: CollectiveRecord, exc: BaseException) -> None:
+        """An op raised (timeout, peer gone, injected fault): close it with the error."""
+        rec.error = f"{type(exc).__name__}: {exc}"
+        self.end(rec)
+
+
+class CollectiveRecorder:
+    """Cheap per-process counting of every observed collective.
+
+    Keeps per-kind step totals (reset by `step_summary`), a bounded ring of
+    recent records, and per-group last-completed / pending records. `hooks`
+    is the list of `FaultHook`s run before each real call.
+    """
+
+    def __init__(self, capacity: int = 4096, max_pending: int = 1024):
+        self.hooks: list[FaultHook] = []
+        self.rank = -1  # global rank, set when the first group is built
+        self._ring: collections.deque = collections.deque(maxlen=capacity)
+        self._totals = {k: [0, 0] for k in KINDS}
+        self._paused = 0
+        self._max_pending = max_pending
+        self._groups: list[GroupState] = []
+        self.dropped_pending = 0  # never-waited works evicted from `pending`
+
+    # --- wiring -----------------------------------------------------------
+    def add_group(self, ranks, name=None) -> GroupState:
+        st = GroupState(name, ranks)
+        self._groups.append(st)
+        return st
+
+    # --- hot path ---------------------------------------------------------
+    def begin(self, st: GroupState, op: str, kind: str, nbytes: int,
+              peers=None, p2p_peer: int | None = None) -> CollectiveRecord:
+        """Count and record an op about to be issued, run hooks, stamp enter."""
+        if p2p_peer is None:
+            st.seq = seq = st.seq + 1
+            peers = st.ranks
+        else:
+            st.p2p_seq[p2p_peer] = seq = st.p2p_seq.get(p2p_peer, 0) + 1
+        counted = not self._paused
+        rec = CollectiveRecord(st.name, op, kind, seq, nbytes, peers, counted)
+        if counted:
+            tot = self._totals[kind]
+            tot[0] += 1
+            tot[1] += nbytes
+        pending = st.pending
+        if len(pending) >= self._max_pending:
+            del pending[next(iter(pending))]
+            self.dropped_pending += 1
+        pending[rec] = None
+        self._ring.append(rec)
+        if self.hooks:
+            try:
+                for hook in self.hooks:
+                    hook(rec)
+            except BaseException as e:
+                st.fail(rec, e)
+                raise
+        rec.t_enter = _now()
+        return rec
+
+    def end(self, st: GroupState, rec: CollectiveRecord) -> None:
+        st.end(rec)
+
+    def fail(self, st: GroupState, rec: CollectiveRecord, exc: BaseException) -> None:
+        st.fail(rec, exc)
+
+    # --- readers ----------------------------------------------------------
+    def step_summary(self, reset: bool = True) -> dict:
+        """Per-kind {count, bytes} since the last reset; the five main kinds
+        always, broadcast/barrier/other only when nonzero."""
+        out = {}
+        for k, (n, b) in self._totals.items():
+            if n or k in MAIN_KINDS:
+                out[k] = {"count": n, "bytes": b}
+        if reset:
+            for tot in self._totals.values():
+                tot[0] = tot[1] = 0
+        return out
+
+    def records(self) -> list[CollectiveRecord]:
+        """Recent records, oldest first (pending ones included, t_exit == 0)."""
+        return list(self._ring)
+
+    def pending(self) -> list[CollectiveRecord]:
+        """Issued but not yet waited-on records across all groups."""
+        out = []
+        for st in list(self._groups):
+            out.extend(st.pending.copy())
+        return out
+
+    def group_states(self) -> dict:
+        """Snapshot keyed by torch's group name (same on every member; labels
+        may repeat): record name, ranks, seq, last completed and pending."""
+        return {
+            st.gid: {
+                "name": st.name,
+                "ranks": list(st.ranks),
+                "seq": st.seq,
+                "last_completed": st.last_completed,
+                "pending": list(st.pending.copy()),
+                "p2p_last": st.p2p_last.copy(),
+            }
+            for st in list(self._groups)
+            if st.name is not None  # groups that never ran an op
+        }
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Ops issued inside are still recorded (seq, ring, pending, hooks) but
+        left out of the step totals, e.g. the trainer's metric reductions."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1

@@ -1,0 +1,133 @@
+"""Backend choice for the kernel ops: Triton where it can run, plain torch elsewhere.
+
+Each op module registers its implementations by backend name; `resolve` turns the
+caller's request (None = the configured default, from `[kernels] backend`) into the
+backend that will run. "auto" picks Triton on CUDA or under TRITON_INTERPRET=1 (the
+interpreter runs kernels on CPU tensors, used by the tests) and torch elsewhere.
+Asking for "triton" where it cannot run is an error, never a silent fallback.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import sys
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+class KernelBackendError(RuntimeError):
+    """A kernel backend was asked for where it cannot run."""
+
+
+_default = "auto"  # the process's configured default; a setting, not state of any group
+
+
+def set_default_backend(name: str) -> None:
+    """Set the backend used when an op is called with backend=None (`[kernels] backend`)."""
+    global _default
+    if name not in BACKENDS:
+        raise KernelBackendError(
+            f"kernels.backend = {name!r} is not a backend; use one of {', '.join(BACKENDS)}"
+        )
+    if name == "triton":
+        _require_triton()
+    _default = name
+
+
+def default_backend() -> str:
+    return _default
+
+
+@functools.lru_cache(maxsize=None)
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def triton_library_mode() -> str | None:
+    """How the imported triton wrapped its own library functions (`tl.sum`, ...): "interpret"
+    when TRITON_INTERPRET=1 was set at `import triton`, "compile" otherwise, None when triton
+    has not been imported yet (it will then follow the environment at first launch)."""
+    standard = sys.modules.get("triton.language.standard")
+    if standard is None:
+        return None
+    kind = type(getattr(standard, "sum", None)).__name__
+    return {"InterpretedFunction": "interpret", "JITFunction": "compile"}.get(kind)
+
+
+def prepare_interpreter() -> bool:
+    """Import triton with TRITON_INTERPRET=1 so that its library runs in the CPU interpreter,
+    leaving the environment variable as it was (set it, e.g. in a fixture, around the calls that
+    should use Triton). For tests. False when triton is not installed or was already imported
+    for the compiler (then the interpreter cannot work in this process)."""
+    if not triton_installed():
+        return False
+    if triton_library_mode() is None:
+        old = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            import triton.language  # noqa: F401
+        finally:
+            if old is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = old
+    return triton_library_mode() == "interpret"
+
+
+def triton_runnable(device_type: str | None = None) -> bool:
+    """Triton compiles for CUDA devices; its interpreter runs on CPU tensors."""
+    if not triton_installed():
+        return False
+    mode = triton_library_mode()
+    if interpreting():
+        # the interpreter needs triton imported under TRITON_INTERPRET=1 (or not imported yet)
+        return mode != "compile"
+    if mode == "interpret":
+        return False
+    import torch
+
+    if device_type is None:
+        return torch.cuda.is_available()
+    return device_type == "cuda"
+
+
+def _require_triton(device_type: str | None = None) -> None:
+    if not triton_installed():
+        raise KernelBackendError(
+            "kernels.backend = 'triton' but the triton package is not installed; "
+            "install the extra (pip install 'dist-train[triton]') or set kernels.backend = 'auto'"
+        )
+    if not triton_runnable(device_type):
+        if triton_library_mode() == ("compile" if interpreting() else "interpret"):
+            raise KernelBackendError(
+                "kernels.backend = 'triton': triton was imported with TRITON_INTERPRET="
+                f"{'unset' if interpreting() else '1'} and the variable has changed since; set it "
+                "before triton is first imported (dispatch.prepare_interpreter does that for tests)"
+            )
+        where = device_type or "this machine"
+        raise KernelBackendError(
+            f"kernels.backend = 'triton' cannot run on {where}: Triton needs a CUDA device "
+            "(or TRITON_INTERPRET=1 for the CPU interpreter); set kernels.backend = 'auto' or 'torch'"
+        )
+
+
+def resolve(backend: str | None, device_type: str, implemented: tuple[str, ...]) -> str:
+    """The backend that runs an op on `device_type`, given the op's implementations."""
+    name = _default if backend is None else backend
+    if name not in BACKENDS:
+        raise KernelBackendError(f"backend={name!r} is not one of {', '.join(BACKENDS)}")
+    if name == "torch":
+        return "torch"
+    if name == "triton":
+        _require_triton(device_type)
+        if "triton" not in implemented:
+            raise KernelBackendError("this op has no Triton kernel yet; use backend='torch'")
+        return "triton"
+    if "triton" in implemented and triton_runnable(device_type):
+        return "triton"
+    return "torch"

@@ -1,0 +1,27 @@
+"""Global gradient-norm clipping that is correct across shards.
+
+Gradients of sharded (DTensor) parameters hold only this rank's piece. torch's
+`get_total_norm` keeps each shard's norm as a partial DTensor and stacks them, so one
+`full_tensor()` reduces the total over the sharded dims with a single collective, and
+the result equals the single-process norm. (Squaring the per-parameter norms first
+would force one all-reduce per parameter.)
+"""
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
+    """Clip in place (max_norm = 0: measure only); returns the total norm as a plain tensor."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total, foreach=True)
+    return total

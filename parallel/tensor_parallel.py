@@ -1,0 +1,96 @@
+"""Tensor and sequence parallelism (Megatron-LM style) with torch's DTensor API.
+
+Inside a block, q/k/v and the MLP's gate/up projections are column-parallel (each tp
+rank holds a slice of the heads / hidden units), the attention output and MLP down
+projections are row-parallel; between blocks, activations are sharded along the
+sequence (sequence parallelism, Korthikanti et al. 2022), so norms and residual adds
+run on 1/tp of the tokens and the all-reduce of plain TP becomes an all-gather before
+and a reduce-scatter after each parallel region. The embedding is sharded over the
+vocabulary, and the head + loss run vocab-parallel: each rank multiplies the full
+(gathered) hidden states by its vocabulary slice of the head, and the log-sum-exp is
+all-reduced over tp (`kernels.vocab_parallel_linear_cross_entropy`), so the full logits
+never sit on one rank.
+
+The plan names submodules the way a Llama-style model does (`tok_embeddings`, `layers`,
+`attention.wq`, `feed_forward.w1`, `norm`, `output`); it is handed the module and the
+tp mesh and imports no model class.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .dims import MeshError
+
+
+class TensorParallelError(MeshError):
+    """The model's shape does not split over the tp degree (names the field)."""
+
+
+def check_tp_shapes(tp: int, *, n_heads: int, n_kv_heads: int, ffn_dim: int, vocab_size: int | None) -> None:
+    """Every split dimension must divide by tp; GQA needs tp to divide the kv heads.
+    (vocab_size None: not known yet, checked later.)"""
+    for field, value in (("model.n_kv_heads", n_kv_heads), ("model.n_heads", n_heads),
+                         ("model.ffn_dim", ffn_dim), ("model.vocab_size", vocab_size)):
+        if value is not None and value % tp:
+            raise TensorParallelError(
+                f"parallel.tp = {tp} must divide {field} = {value} (each tensor-parallel rank holds "
+                f"an equal slice); choose tp dividing {value}, or change {field}")
+
+
+def vocab_parallel_loss(tp_mesh):
+    """A loss function (hidden, head_weight, targets) -> mean loss for a vocab-sharded head.
+
+    `hidden` arrives sequence-sharded (a DTensor); it is all-gathered to every tp rank, and
+    its gradient comes back as a partial sum that DTensor reduce-scatters to the sequence
+    shards. `head_weight` is a DTensor sharded on the vocabulary (dim 0).
+    """
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    from dist_train.kernels import vocab_parallel_linear_cross_entropy
+
+    group = tp_mesh.get_group()
+    tp_rank = tp_mesh.get_local_rank()
+
+    def loss_fn(hidden, weight, targets):
+        if isinstance(hidden, DTensor):
+            hidden = hidden.redistribute(tp_mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+        w = weight.to_local() if isinstance(weight, DTensor) else weight
+        vocab = weight.shape[0]
+        start = tp_rank * -(-vocab // tp_mesh.size())
+        return vocab_parallel_linear_cross_entropy(hidden, w, targets, group, start, vocab_size=vocab,
+                                                   reduce_grad_input=False)
+
+    return loss_fn
+
+
+def apply_tp(model: nn.Module, tp_mesh) -> nn.Module:
+    """Parallelise a Llama-style model over `tp_mesh` in place (before FSDP wraps it)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+
+    top = {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+    }
+    if getattr(model, "output", None) is not None:
+        # Only its weight is used (by the vocab-parallel loss): shard the vocabulary rows.
+        top["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
+    parallelize_module(model, tp_mesh, top)
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, {
+            "attention_norm": SequenceParallel(),
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                            desired_input_layouts=(Replicate(), None, None)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        })
+    model.loss_fn = vocab_parallel_loss(tp_mesh)
+    return model

@@ -1,0 +1,44 @@
+"""Shared test setup: hermetic caches, one thread per rank, helpers to run the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache(tmp_path_factory):
+    """Prepare the bundled corpus once per test session, outside the user's cache."""
+    os.environ["DIST_TRAIN_CACHE"] = str(tmp_path_factory.mktemp("dist-train-cache"))
+
+
+def run_cli(*args: str, timeout: float = 300, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m dist_train ARGS` as a user would; output captured as text."""
+    proc = subprocess.run([sys.executable, "-m", "dist_train", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dist-train {' '.join(args)} exited {proc.returncode}\n"
+                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def tiny_overrides(run_dir: Path, name: str, steps: int, **extra) -> list[str]:
+    """--set flags for a short, quiet run of configs/tiny.toml under run_dir/name."""
+    sets = {"run.dir": str(run_dir), "run.name": name, "train.steps": steps, "metrics.progress": "false",
+            **extra}
+    out = []
+    for key, value in sets.items():
+        out += ["--set", f"{key}={value}"]
+    return out
