@@ -5,6 +5,12 @@ caller's request (None = the configured default, from `[kernels] backend`) into 
 backend that will run. "auto" picks Triton on CUDA or under TRITON_INTERPRET=1 (the
 interpreter runs kernels on CPU tensors, used by the tests) and torch elsewhere.
 Asking for "triton" where it cannot run is an error, never a silent fallback.
+
+TRITON_INTERPRET is read when an op is called (here) and when its kernel is launched
+(`_triton.kernel`), so setting it around a few calls — a test fixture — is enough, whenever
+triton itself was imported. The one combination that cannot work is the reverse: compiled
+kernels after triton was imported with TRITON_INTERPRET=1 (its library is then wrapped for
+the interpreter); `triton_runnable` reports that instead of letting a launch fail.
 """
 from __future__ import annotations
 
@@ -51,7 +57,7 @@ def interpreting() -> bool:
 def triton_library_mode() -> str | None:
     """How the imported triton wrapped its own library functions (`tl.sum`, ...): "interpret"
     when TRITON_INTERPRET=1 was set at `import triton`, "compile" otherwise, None when triton
-    has not been imported yet (it will then follow the environment at first launch)."""
+    has not been imported yet."""
     standard = sys.modules.get("triton.language.standard")
     if standard is None:
         return None
@@ -59,35 +65,13 @@ def triton_library_mode() -> str | None:
     return {"InterpretedFunction": "interpret", "JITFunction": "compile"}.get(kind)
 
 
-def prepare_interpreter() -> bool:
-    """Import triton with TRITON_INTERPRET=1 so that its library runs in the CPU interpreter,
-    leaving the environment variable as it was (set it, e.g. in a fixture, around the calls that
-    should use Triton). For tests. False when triton is not installed or was already imported
-    for the compiler (then the interpreter cannot work in this process)."""
-    if not triton_installed():
-        return False
-    if triton_library_mode() is None:
-        old = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1"
-        try:
-            import triton.language  # noqa: F401
-        finally:
-            if old is None:
-                del os.environ["TRITON_INTERPRET"]
-            else:
-                os.environ["TRITON_INTERPRET"] = old
-    return triton_library_mode() == "interpret"
-
-
 def triton_runnable(device_type: str | None = None) -> bool:
     """Triton compiles for CUDA devices; its interpreter runs on CPU tensors."""
     if not triton_installed():
         return False
-    mode = triton_library_mode()
     if interpreting():
-        # the interpreter needs triton imported under TRITON_INTERPRET=1 (or not imported yet)
-        return mode != "compile"
-    if mode == "interpret":
+        return True
+    if triton_library_mode() == "interpret":  # imported under TRITON_INTERPRET=1, now unset
         return False
     import torch
 
@@ -103,11 +87,10 @@ def _require_triton(device_type: str | None = None) -> None:
             "install the extra (pip install 'dist-train[triton]') or set kernels.backend = 'auto'"
         )
     if not triton_runnable(device_type):
-        if triton_library_mode() == ("compile" if interpreting() else "interpret"):
+        if triton_library_mode() == "interpret" and device_type != "cpu":
             raise KernelBackendError(
-                "kernels.backend = 'triton': triton was imported with TRITON_INTERPRET="
-                f"{'unset' if interpreting() else '1'} and the variable has changed since; set it "
-                "before triton is first imported (dispatch.prepare_interpreter does that for tests)"
+                "kernels.backend = 'triton': triton was imported with TRITON_INTERPRET=1 and the "
+                "variable is unset now; compiled kernels need triton imported without it"
             )
         where = device_type or "this machine"
         raise KernelBackendError(
