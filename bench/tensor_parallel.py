@@ -1,0 +1,148 @@
+"""Tensor-parallel layouts: tokens/s and bytes communicated per step, measured vs analytic.
+
+For one fixed model, each layout runs `dist-train local` for a few steps; the bytes each
+collective kind moved per rank and step come from the observed process group (metrics.jsonl,
+summed over ranks, divided by the world size here). The analytic count is derived from how
+the layout works (per rank, per optimizer step; N micro-batches per rank, A = micro_batch x
+seq_len x dim x 4 bytes, L blocks, fp32):
+
+tensor + sequence parallel (tp > 1), per micro-batch
+  all-gather      4L + 2 of A: the input of attention and of the MLP per block (forward),
+                  the backward of each block's two row-parallel reduce-scatters, the hidden
+                  states gathered for the vocab-parallel loss, the backward of the embedding's
+  reduce-scatter  4L + 2 of A: the mirror images of the above
+  all-reduce      the vocab-parallel loss: max, then sum-exp and target logit, 12 bytes a token;
+                  the sequence-parallel norm weights' partial gradients, (2L + 1) x dim x 4
+                  (once per micro-batch without FSDP; FSDP reduces them once per step)
+FSDP over dp_shard > 1 (units = L blocks + root, P_u = a unit's parameters on this tp rank)
+  all-gather      2 per unit and micro-batch (forward, and again for backward): 2N x sum(P_u) x 4
+  reduce-scatter  1 per unit and step (gradient sync on the last micro-batch): sum(P_u) x 4
+HSDP over dp_replicate > 1
+  all-reduce      1 per unit and step of the shard: sum(P_u) / dp_shard x 4
+and the gradient-norm all-reduce of one float per parameter tensor (over tp and, with
+FSDP, once more over dp_shard).
+
+Run:  python bench/tensor_parallel.py [--steps 4] [--out results.json]
+Goal: measured bytes within 5% of the analytic count for every layout and kind.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MODEL = {"model.dim": 64, "model.n_layers": 4, "model.n_heads": 4, "model.n_kv_heads": 4}
+DATA = {"data.seq_len": 128, "train.global_batch": 8, "train.micro_batch": 2}
+LAYOUTS = {  # name: (ranks, tp, dp_shard, dp_replicate)
+    "dp_shard=4": (4, 1, 4, 1),
+    "tp=2": (2, 2, 1, 1),
+    "tp=4": (4, 4, 1, 1),
+    "tp=2 x dp_shard=2": (4, 2, 2, 1),
+    "tp=2 x dp_replicate=2": (4, 2, 1, 2),
+}
+KINDS = ("all_gather", "reduce_scatter", "all_reduce")
+
+
+def model_shapes():
+    from dist_train.config import load_config
+    from dist_train.model import ModelArgs
+
+    cfg = load_config(REPO / "configs/tiny.toml", [f"{k}={v}" for k, v in {**MODEL, **DATA}.items()])
+    return ModelArgs.from_config(cfg.model, cfg.data.seq_len, tokenizer_vocab=258)
+
+
+def unit_params(a, tp: int) -> list[int]:
+    """Parameters of each FSDP unit (blocks, then the root) held by one tp rank."""
+    hd = a.head_dim
+    block = 2 * a.dim + (2 * a.n_heads * hd * a.dim + 2 * a.n_kv_heads * hd * a.dim + 3 * a.ffn_dim * a.dim) // tp
+    root = a.vocab_size * a.dim // tp * (1 if a.tie_embeddings else 2) + a.dim
+    return [block] * a.n_layers + [root]
+
+
+def analytic(a, tp: int, dps: int, dpr: int, seq: int, gb: int, mb: int) -> dict[str, float]:
+    n_micro = gb // (dps * dpr * mb)
+    act = mb * seq * a.dim * 4
+    L = a.n_layers
+    fsdp = dps > 1 or dpr > 1
+    out = dict.fromkeys(KINDS, 0.0)
+    if tp > 1:
+        out["all_gather"] += n_micro * (4 * L + 2) * act
+        out["reduce_scatter"] += n_micro * (4 * L + 2) * act
+        out["all_reduce"] += n_micro * 12 * mb * seq
+        out["all_reduce"] += (1 if fsdp else n_micro) * (2 * L + 1) * a.dim * 4
+    units = unit_params(a, tp)
+    if dps > 1:
+        out["all_gather"] += 2 * n_micro * sum(units) * 4
+        out["reduce_scatter"] += sum(units) * 4
+    if dpr > 1:
+        out["all_reduce"] += sum(units) // dps * 4
+    n_tensors = 2 + L * 9 + (0 if a.tie_embeddings else 1)
+    out["all_reduce"] += n_tensors * 4 * (2 if tp > 1 and dps > 1 else 1)  # + once over dp_shard
+    return out
+
+
+def run_layout(root: Path, name: str, ranks: int, tp: int, dps: int, dpr: int, steps: int) -> list[dict]:
+    sets = {**MODEL, **DATA, "parallel.tp": tp, "parallel.dp_shard": dps, "parallel.dp_replicate": dpr,
+            "run.dir": str(root), "run.name": name.replace(" ", "").replace("=", ""),
+            "train.steps": steps, "metrics.progress": "false", "checkpoint.every": 0}
+    cmd = [sys.executable, "-m", "dist_train", "local", "--nproc", str(ranks), "configs/tiny.toml"]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if proc.returncode:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    path = root / sets["run.name"] / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--out", help="also write the table as JSON here")
+    args = p.parse_args()
+    a = model_shapes()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (ranks, tp, dps, dpr) in LAYOUTS.items():
+            records = run_layout(Path(tmp), name, ranks, tp, dps, dpr, args.steps)
+            steady = records[1:] or records
+            tok_s = statistics.median(r["tokens_per_s"] for r in steady)
+            measured = {k: statistics.median(r["comm"][k]["bytes"] for r in steady) / ranks for k in KINDS}
+            expect = analytic(a, tp, dps, dpr, DATA["data.seq_len"], DATA["train.global_batch"],
+                              DATA["train.micro_batch"])
+            rows.append({"layout": name, "ranks": ranks, "tokens_per_s": tok_s, "measured": measured,
+                         "analytic": expect})
+    base = rows[0]["tokens_per_s"]
+    print(f"model: dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads / {a.n_kv_heads} kv, ffn {a.ffn_dim}, "
+          f"vocab {a.vocab_size}; seq {DATA['data.seq_len']}, global batch {DATA['train.global_batch']}, "
+          f"micro batch {DATA['train.micro_batch']}; CPU gloo, {args.steps} steps, medians after the first")
+    print(f"\n| layout | ranks | tokens/s | vs {rows[0]['layout']} | " +
+          " | ".join(f"{k} MB/rank/step (measured / analytic = ratio)" for k in KINDS) + " |")
+    print("|---|---|---|---|" + "---|" * len(KINDS))
+    worst = 0.0
+    for r in rows:
+        cells = []
+        for k in KINDS:
+            m, e = r["measured"][k], r["analytic"][k]
+            ratio = m / e if e else (1.0 if m == 0 else float("inf"))
+            worst = max(worst, abs(ratio - 1))
+            cells.append(f"{m / 1e6:.3f} / {e / 1e6:.3f} = {ratio:.3f}")
+        print(f"| {r['layout']} | {r['ranks']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f} | "
+              + " | ".join(cells) + " |")
+    print(f"\nlargest deviation of measured from analytic bytes: {worst * 100:.2f}% "
+          f"(goal <= 5%: {'met' if worst <= 0.05 else 'NOT met'})")
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
