@@ -204,17 +204,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dx, dw, None, None, None, None, None, None, None, None, None
 
 
-def _flatten(x, target):
+def _flatten(x, target, vocab: int | None, ignore_index: int):
     x2 = x.reshape(-1, x.shape[-1])
     t = target.reshape(-1).long()
     if t.shape[0] != x2.shape[0]:
         raise ValueError(f"target has {t.shape[0]} tokens but x has {x2.shape[0]}")
+    # an out-of-range target would silently count as a zero logit; checked where it costs no
+    # device synchronisation (CPU), left to the caller on CUDA
+    if vocab is not None and t.device.type == "cpu" and t.numel():
+        bad = (t != ignore_index) & ((t < 0) | (t >= vocab))
+        if bad.any():
+            raise ValueError(f"target id {int(t[bad][0])} is outside the vocabulary [0, {vocab})")
     return x2, t
 
 
 def linear_cross_entropy_reference(x, weight, target, ignore_index=-100, label_smoothing=0.0, chunk_size=None):
     """Chunked torch implementation; x (..., dim), weight (vocab, dim), target (...)."""
-    x2, t = _flatten(x, target)
+    x2, t = _flatten(x, target, weight.shape[0], ignore_index)
     chunk = chunk_size or default_chunk_size(x2.shape[0], weight.shape[0])
     return _LinearCrossEntropy.apply(x2, weight, t, ignore_index, float(label_smoothing), chunk, "torch", None, 0,
                                      weight.shape[0], False)
@@ -225,7 +231,7 @@ def linear_cross_entropy(x, weight, target, ignore_index: int = -100, label_smoo
     """Mean cross-entropy of (x @ weight.T) against target without materialising the logits."""
     if resolve(backend, x.device.type, IMPLEMENTED) == "torch":
         return linear_cross_entropy_reference(x, weight, target, ignore_index, label_smoothing, chunk_size)
-    x2, t = _flatten(x, target)
+    x2, t = _flatten(x, target, weight.shape[0], ignore_index)
     chunk = chunk_size or default_chunk_size(x2.shape[0], weight.shape[0])
     return _LinearCrossEntropy.apply(x2, weight, t, ignore_index, float(label_smoothing), chunk, "triton", None, 0,
                                      weight.shape[0], False)
@@ -253,12 +259,12 @@ def vocab_parallel_linear_cross_entropy(x, weight_shard, target, group, vocab_st
     import torch.distributed as dist
 
     impl = resolve(backend, x.device.type, IMPLEMENTED)
-    x2, t = _flatten(x, target)
     world = dist.get_world_size(group)
     if vocab_size is None:
         total = torch.tensor([weight_shard.shape[0]], dtype=torch.int64, device=x.device)
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
         vocab_size = int(total.item())
+    x2, t = _flatten(x, target, vocab_size, ignore_index)
     # chunk from the mean shard size, the same on every rank whatever this shard's size
     chunk = chunk_size or default_chunk_size(x2.shape[0], -(-vocab_size // world))
     return _LinearCrossEntropy.apply(x2, weight_shard, t, ignore_index, float(label_smoothing), chunk, impl, group,

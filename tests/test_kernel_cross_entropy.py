@@ -1,0 +1,159 @@
+"""Fused linear + cross-entropy: both backends against the unfused F.cross_entropy(x @ W.T),
+loss and both gradients; the vocab-parallel variant on 2 real gloo processes."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from dist_train.kernels import linear_cross_entropy, linear_cross_entropy_reference
+from dist_train.kernels.cross_entropy import IMPLEMENTED
+from dist_train.kernels.dispatch import resolve
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpret():
+    """Run kernels in the CPU interpreter for this module only (read at launch time; the
+    spawned gloo workers inherit it)."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    if old is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+
+
+def _naive(x, w, t, ignore_index=-100, label_smoothing=0.0):
+    logits = x.reshape(-1, x.shape[-1]).float() @ w.float().t()
+    tt = t.reshape(-1)
+    if (tt == ignore_index).all():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, tt, ignore_index=ignore_index, label_smoothing=label_smoothing)
+
+
+def _run(fn, x, w, t, **kw):
+    x = x.detach().requires_grad_()
+    w = w.detach().requires_grad_()
+    loss = fn(x, w, t, **kw)
+    (loss * 1.7).backward()  # a non-unit incoming gradient
+    return loss, x.grad, w.grad
+
+
+def _inputs(shape, dim, vocab, dtype=torch.float32, seed=0, n_ignored=3, ignore_index=-100):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(*shape, dim, generator=gen) * 0.5).to(dtype)
+    w = (torch.randn(vocab, dim, generator=gen) * 0.5).to(dtype)
+    t = torch.randint(0, vocab, shape, generator=gen)
+    flat = t.view(-1)
+    flat[torch.randperm(flat.numel(), generator=gen)[:n_ignored]] = ignore_index
+    return x, w, t
+
+
+def test_auto_picks_triton_under_interpreter():
+    assert resolve("auto", "cpu", IMPLEMENTED) == "triton"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("shape,dim,vocab,chunk,ls,ignore_index", [
+    ((3, 13), 24, 97, 16, 0.0, -100),    # ragged last chunk, odd vocab
+    ((3, 13), 24, 97, None, 0.1, -100),  # default chunk, label smoothing
+    ((1,), 8, 33, None, 0.0, -100),      # one token
+    ((2, 5), 16, 1500, 4, 0.2, 0),       # vocab over one Triton block; ignore_index is a real id
+])
+def test_linear_cross_entropy_fp32(backend, shape, dim, vocab, chunk, ls, ignore_index):
+    x, w, t = _inputs(shape, dim, vocab, n_ignored=min(3, len(shape) and int(torch.tensor(shape).prod()) - 1),
+                      ignore_index=ignore_index)
+    ours = _run(linear_cross_entropy, x, w, t, ignore_index=ignore_index, label_smoothing=ls, chunk_size=chunk,
+                backend=backend)
+    ref = _run(_naive, x, w, t, ignore_index=ignore_index, label_smoothing=ls)
+    for name, a, r in zip(("loss", "dx", "dw"), ours, ref):
+        assert a.dtype == torch.float32 and a.shape == r.shape, name
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_cross_entropy_all_ignored_is_zero(backend):
+    x, w, t = _inputs((2, 3), 8, 11, n_ignored=6)
+    loss, dx, dw = _run(linear_cross_entropy, x, w, t, backend=backend)
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(dx) == 0 and torch.count_nonzero(dw) == 0
+
+
+def test_linear_cross_entropy_bf16_against_fp32():
+    x, w, t = _inputs((2, 9), 32, 101, dtype=torch.bfloat16, seed=3)
+    ours = _run(linear_cross_entropy, x, w, t, label_smoothing=0.1, chunk_size=5, backend="triton")
+    ref = _run(_naive, x.float(), w.float(), t, label_smoothing=0.1)
+    for name, a, r in zip(("loss", "dx", "dw"), ours, ref):
+        assert a.dtype == (torch.float32 if name == "loss" else torch.bfloat16), name
+        torch.testing.assert_close(a.float(), r, atol=2e-2, rtol=2e-2, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_cross_entropy_rejects_out_of_vocab_target(backend):
+    x, w, t = _inputs((5,), 8, 11, n_ignored=1)
+    t[0] = 11
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        linear_cross_entropy(x, w, t, backend=backend)
+
+
+def test_reference_is_the_torch_backend():
+    x, w, t = _inputs((4,), 8, 19, seed=4)
+    a = linear_cross_entropy_reference(x, w, t, chunk_size=3)
+    b = linear_cross_entropy(x, w, t, chunk_size=3, backend="torch")
+    torch.testing.assert_close(a, b)
+
+
+# ----------------------------------------------------------------------------- vocab parallel
+
+VP_CASES = [  # (backend, label_smoothing, ignore_index, chunk_size, reduce_grad_input)
+    ("torch", 0.0, -100, 4, True),
+    ("torch", 0.1, -100, None, False),
+    ("triton", 0.0, -100, 4, True),
+    ("triton", 0.1, 2, 5, True),
+]
+VP_SHAPE, VP_DIM, VP_VOCAB, VP_SPLIT = (2, 7), 12, 37, 19  # rank 0: rows [0, 19), rank 1: [19, 37)
+
+
+def _vp_worker(rank, world, port):
+    import torch.distributed as dist
+
+    from dist_train.kernels.cross_entropy import vocab_parallel_linear_cross_entropy
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        group = dist.new_group([0, 1])  # a group passed in, not the default one
+        lo, hi = (0, VP_SPLIT) if rank == 0 else (VP_SPLIT, VP_VOCAB)
+        for backend, ls, ignore_index, chunk, reduce_dx in VP_CASES:
+            x, w, t = _inputs(VP_SHAPE, VP_DIM, VP_VOCAB, seed=7, ignore_index=ignore_index)
+            ref_loss, ref_dx, ref_dw = _run(_naive, x, w, t, ignore_index=ignore_index, label_smoothing=ls)
+            xs = x.clone().requires_grad_()
+            ws = w[lo:hi].clone().requires_grad_()
+            loss = vocab_parallel_linear_cross_entropy(xs, ws, t, group, lo, ignore_index, ls, chunk_size=chunk,
+                                                       reduce_grad_input=reduce_dx, backend=backend)
+            (loss * 1.7).backward()
+            case = f"rank {rank} {backend} ls={ls} ignore={ignore_index} chunk={chunk}"
+            torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5, msg=lambda m: f"{case} loss: {m}")
+            torch.testing.assert_close(ws.grad, ref_dw[lo:hi], atol=1e-5, rtol=1e-5, msg=lambda m: f"{case} dw: {m}")
+            dx = xs.grad
+            if not reduce_dx:  # the caller reduces the partial input gradients
+                dist.all_reduce(dx, group=group)
+            torch.testing.assert_close(dx, ref_dx, atol=1e-5, rtol=1e-5, msg=lambda m: f"{case} dx: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_vocab_parallel_two_gloo_ranks(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    mp.spawn(_vp_worker, args=(2, _free_port()), nprocs=2, join=True)

@@ -1,0 +1,34 @@
+"""Backend resolution: torch on a CPU without the interpreter, Triton under it (whenever triton
+was imported), errors rather than silent fallbacks."""
+import pytest
+import torch
+
+from dist_train.kernels import KernelBackendError, rms_norm
+from dist_train.kernels.dispatch import resolve, triton_runnable
+
+BOTH = ("torch", "triton")
+
+
+def test_cpu_without_interpreter_uses_torch(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert resolve("auto", "cpu", BOTH) == "torch"
+    assert resolve("torch", "cpu", BOTH) == "torch"
+    assert resolve("auto", "cpu", ("torch",)) == "torch"
+    with pytest.raises(KernelBackendError):
+        resolve("triton", "cpu", BOTH)
+    with pytest.raises(KernelBackendError):
+        resolve("fast", "cpu", BOTH)
+
+
+def test_interpreter_toggled_at_call_time(monkeypatch):
+    """TRITON_INTERPRET is read per call: a fixture can scope it, whenever triton was imported
+    (here it already is, for the compiler: `torch.compile` or pipelining may import it first)."""
+    pytest.importorskip("triton")
+    x, w = torch.randn(3, 8), torch.rand(8)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_runnable("cpu") and resolve("auto", "cpu", BOTH) == "triton"
+    with pytest.raises(KernelBackendError):
+        resolve("triton", "cpu", ("torch",))  # an op without a kernel
+    torch.testing.assert_close(rms_norm(x, w, backend="auto"), rms_norm(x, w, backend="torch"))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not triton_runnable("cpu") and resolve("auto", "cpu", BOTH) == "torch"

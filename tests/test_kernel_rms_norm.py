@@ -1,0 +1,96 @@
+"""RMSNorm: Triton (interpreter) against the torch reference, values and every gradient."""
+import os
+
+import pytest
+import torch
+
+from dist_train.kernels import rms_norm, rms_norm_reference
+from dist_train.kernels.dispatch import resolve
+from dist_train.kernels.rms_norm import IMPLEMENTED
+
+pytest.importorskip("triton")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpret():
+    """Run kernels in the CPU interpreter for this module only (read at launch time)."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    if old is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+
+
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+def _grads(fn, inputs, gen):
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    loss = sum((o.float() * torch.randn(o.shape, generator=gen)).sum() for o in outs)
+    grads = torch.autograd.grad(loss, [t for t in inputs if t is not None])
+    return outs, grads
+
+
+def test_auto_picks_triton_under_interpreter():
+    assert resolve("auto", "cpu", IMPLEMENTED) == "triton"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 5, 37), (1, 1, 96), (3, 130)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_reference(shape, dtype, with_residual):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(dtype).requires_grad_()
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=gen)).to(dtype).requires_grad_()
+    r = torch.randn(shape, generator=gen).to(dtype).requires_grad_() if with_residual else None
+
+    def ours(x, w, r=None):
+        return rms_norm(x, w, 1e-6, residual=r, backend="triton")
+
+    def ref(x, w, r=None):
+        # fp32 reference on the same values; the residual sum rounded to the input dtype first
+        if r is None:
+            return rms_norm_reference(x.float(), w.float(), 1e-6)
+        h = (x + r).float()
+        return rms_norm_reference(h, w.float(), 1e-6), h
+
+    outs, grads = _grads(ours, (x, w, r), torch.Generator().manual_seed(1))
+    routs, rgrads = _grads(ref, (x, w, r), torch.Generator().manual_seed(1))
+    for o, ro in zip(outs, routs):
+        assert o.dtype == dtype and o.shape == x.shape
+        torch.testing.assert_close(o.float(), ro, **TOL[dtype])
+    for g, rg, t in zip(grads, rgrads, [t for t in (x, w, r) if t is not None]):
+        assert g.dtype == t.dtype
+        tol = TOL[dtype] if dtype == torch.float32 else dict(atol=5e-2 * max(1.0, rg.abs().max().item()), rtol=5e-2)
+        torch.testing.assert_close(g.float(), rg.float(), **tol)
+
+
+def test_rms_norm_mixed_dtypes_and_noncontiguous():
+    """bf16 activations with an fp32 weight; a transposed (non-contiguous) input."""
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(7, 3, 20, generator=gen)
+    x = base.transpose(0, 1).requires_grad_()  # (3, 7, 20), rows not contiguous
+    w = torch.randn(20, generator=gen, requires_grad=True)
+    outs, grads = _grads(lambda x, w: rms_norm(x, w, 1e-5, backend="triton"), (x, w), torch.Generator().manual_seed(3))
+    routs, rgrads = _grads(lambda x, w: rms_norm_reference(x, w, 1e-5), (x, w), torch.Generator().manual_seed(3))
+    torch.testing.assert_close(outs[0], routs[0], **TOL[torch.float32])
+    for g, rg in zip(grads, rgrads):
+        torch.testing.assert_close(g, rg, **TOL[torch.float32])
+    xb = torch.randn(4, 5, 20, generator=gen).bfloat16()
+    y = rms_norm(xb, w.detach(), backend="triton")
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), rms_norm_reference(xb.float(), w.detach()), atol=3e-2, rtol=3e-2)
+
+
+def test_rms_norm_only_h_used():
+    """With a residual, a graph that uses only h still sends its gradient to x and residual."""
+    x = torch.randn(2, 9, requires_grad=True)
+    r = torch.randn(2, 9, requires_grad=True)
+    w = torch.ones(9, requires_grad=True)
+    _, h = rms_norm(x, w, residual=r, backend="triton")
+    h.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones_like(x))
+    torch.testing.assert_close(r.grad, torch.ones_like(r))
