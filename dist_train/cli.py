@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("config", nargs="?", help="TOML config (default: the built-in tiny config)")
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set train.steps=20 (repeatable)")
+        sp.add_argument("--runs", metavar="RUNS.json",
+                        help="several runs one after another in the same launch: a JSON list of lists of "
+                             "overrides (a sweep; saves the start-up of a job per run)")
 
     sp = sub.add_parser("train", help="train inside an already-launched job (torchrun, Ray, `local`)")
     config_args(sp)
@@ -50,14 +53,15 @@ def _local(args) -> None:
     from dist_train.data import ensure_prepared
     from dist_train.launchers.local import launch_local
 
-    from .config import load_config
+    from .config import load_runs
     from .trainer import check_run_dir, parallel_dims
 
-    cfg = load_config(args.config, args.overrides)  # fail here, once, before any rank starts
-    parallel_dims(cfg, args.nproc)
-    check_run_dir(cfg)
-    ensure_prepared(cfg.data.source, cfg.data.cache_dir or None, cfg.data.tokenizer)
-    launch_local(args.config, args.overrides, args.nproc, args.nodes, args.max_restarts)
+    cfgs = load_runs(args.config, args.overrides, args.runs)  # fail here, once, before any rank starts
+    for cfg in cfgs:
+        parallel_dims(cfg, args.nproc)
+        check_run_dir(cfg)
+        ensure_prepared(cfg.data.source, cfg.data.cache_dir or None, cfg.data.tokenizer)
+    launch_local(args.config, args.overrides, args.nproc, args.nodes, args.max_restarts, args.runs)
 
 
 def _prepare(args) -> None:
@@ -70,10 +74,10 @@ def _prepare(args) -> None:
 def run(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "train":
-        from .config import load_config
+        from .config import load_runs
         from .trainer import train
 
-        train(load_config(args.config, args.overrides))
+        train(load_runs(args.config, args.overrides, args.runs))
     elif args.command == "local":
         _local(args)
     elif args.command == "prepare":

@@ -126,6 +126,7 @@ class MetricsSection:
     progress: bool = _f(True, "progress bar on rank 0")
     tensorboard: bool = _f(False, "also write TensorBoard event files (needs the tensorboard extra)")
     log_every: int = _f(1, "write metrics every n steps", min=1)
+    report: bool = _f(True, "draw the report PNGs when the run ends")
 
 
 SECTIONS = {
@@ -254,6 +255,25 @@ def build_config(raw: dict, overrides: list[tuple[str, str, Any]] = ()) -> Confi
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     raw = _read_toml(Path(path)) if path else {}
     return build_config(raw, [parse_override(o) for o in overrides])
+
+
+def load_runs(path: str | Path | None, overrides: list[str], runs_file: str | None) -> list[Config]:
+    """The config, or with a runs file (a JSON list of lists of `section.key=value`) one
+    config per entry, each entry's overrides applied after the command line's. Runs go in
+    order; a later run with an earlier one's run.name continues it (checkpoint.resume)."""
+    if not runs_file:
+        return [load_config(path, overrides)]
+    import json
+
+    try:
+        runs = json.loads(Path(runs_file).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--runs {runs_file}: cannot read it as JSON ({e})") from None
+    if not isinstance(runs, list) or not runs or not all(
+            isinstance(r, list) and all(isinstance(o, str) for o in r) for r in runs):
+        raise ConfigError(f"--runs {runs_file}: must be a non-empty JSON list of lists of "
+                          '"section.key=value" strings, e.g. [["run.name=a"], ["run.name=b", "parallel.tp=2"]]')
+    return [load_config(path, list(overrides) + r) for r in runs]
 
 
 def _validate(cfg: Config) -> None:

@@ -115,6 +115,20 @@ def build_feed_forward(a: ModelArgs, layer_id: int) -> nn.Module:
     return FeedForward(a.dim, a.ffn_dim)
 
 
+class Head(nn.Module):
+    """Output projection fused with the loss: forward(hidden, targets) -> mean loss.
+    Its own module so a pipeline's loss function (and FSDP, as its own unit) can call it;
+    tensor parallelism swaps `loss_fn` for the vocab-parallel one."""
+
+    def __init__(self, dim: int, vocab_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, dim))
+        self.loss_fn = K.linear_cross_entropy  # (hidden, weight, targets) -> mean loss
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(hidden, self.weight, targets)
+
+
 class Block(nn.Module):
     def __init__(self, a: ModelArgs, layer_id: int):
         super().__init__()
@@ -139,8 +153,8 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(a.vocab_size, a.dim)
         self.layers = nn.ModuleDict({str(i): Block(a, i) for i in range(a.n_layers)})
         self.norm = RMSNorm(a.dim, a.norm_eps)
-        self.output = None if a.tie_embeddings else nn.Linear(a.dim, a.vocab_size, bias=False)
-        self.loss_fn = K.linear_cross_entropy  # (hidden, head_weight, targets) -> mean loss
+        self.output = None if a.tie_embeddings else Head(a.dim, a.vocab_size)
+        self.loss_fn = K.linear_cross_entropy  # the tied head's loss: (hidden, weight, targets)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
@@ -164,9 +178,10 @@ class Transformer(nn.Module):
         return h if targets is None else self.loss(h, targets)
 
     def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy, fused with the head: full logits never exist.
-        Tensor parallelism swaps `loss_fn` for the vocab-parallel one."""
-        return self.loss_fn(hidden, self.head_weight(), targets)
+        """Mean next-token cross-entropy, fused with the head: full logits never exist."""
+        if self.output is not None:
+            return self.output(hidden, targets)
+        return self.loss_fn(hidden, self.tok_embeddings.weight, targets)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden @ self.head_weight().t()
@@ -181,15 +196,16 @@ def param_seed(seed: int, name: str) -> int:
 
 
 @torch.no_grad()
-def init_weights(model: Transformer, seed: int) -> None:
+def init_weights(model: nn.Module, seed: int, args: ModelArgs | None = None) -> None:
     """Initialise in place, layout-independently (see module docstring).
 
     Works on plain, FSDP2-sharded and tensor-parallel (DTensor) parameters: each full
-    tensor is drawn on the CPU and this rank keeps its own shard of it.
+    tensor is drawn on the CPU and this rank keeps its own shard of it. Also on a module
+    holding some pipeline stages (pass `args`); RoPE tables are built at first forward.
     """
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    a = model.args
+    a = args or model.args
     for name, p in model.named_parameters():
         if p.dim() == 1:
             full = torch.ones(p.shape)
@@ -202,7 +218,6 @@ def init_weights(model: Transformer, seed: int) -> None:
             p.to_local().copy_(local)
         else:
             p.copy_(full)
-    model.init_buffers(next(model.parameters()).device)
 
 
 def count_params(a: ModelArgs) -> dict:

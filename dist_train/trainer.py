@@ -2,8 +2,9 @@
 
 The order follows TorchTitan's: resolve `ParallelDims` from the config and the world
 size, build the one device mesh, build the model on the meta device, apply each
-parallelism's `parallelize` function with the mesh it needs (today: FSDP2 / HSDP over
-the data-parallel dims), materialise, initialise layout-independently, then train.
+parallelism's `parallelize` function with the mesh it needs (pipeline split, tensor
+parallel, FSDP2 / HSDP; see parallelize.py), materialise, initialise
+layout-independently, then train.
 """
 from __future__ import annotations
 
@@ -16,20 +17,21 @@ import torch
 import torch.distributed as dist
 
 from dist_train import kernels
-from dist_train.fault.collectives import name_mesh_groups
+from dist_train.fault.collectives import get_recorder, name_mesh_groups
 from dist_train.data import DistributedBatchSampler, TokenDataset, ensure_prepared, load_tokenizer
 from dist_train.parallel.clip import clip_grad_norm_
-from dist_train.parallel.data_parallel import apply_fsdp, dp_mesh_for, set_gradient_sync
+from dist_train.parallel.data_parallel import set_gradient_sync
 from dist_train.parallel.dims import ParallelDims
-from dist_train.parallel.tensor_parallel import apply_tp, check_tp_shapes
+from dist_train.parallel.tensor_parallel import check_tp_shapes
 
 from .checkpoint import Checkpointer
 from .config import Config, ConfigError
 from .distributed import RankEnv, init_distributed, pick_device
 from .metrics import COMM_KINDS, MetricsWriter, peak_memory_bytes
-from .model import ModelArgs, Transformer, count_params, init_weights
+from .model import ModelArgs, count_params
+from .parallelize import check_pipeline, parallelize
 
-NOT_YET = {"pp": "pipeline parallelism", "ep": "expert parallelism"}
+NOT_YET = {"ep": "expert parallelism"}
 
 
 def parallel_dims(cfg: Config, world_size: int) -> ParallelDims:
@@ -57,6 +59,7 @@ def parallel_dims(cfg: Config, world_size: int) -> ParallelDims:
             f"{dims.dp_size} x {t.micro_batch} = {dims.dp_size * t.micro_batch} "
             f"(dp = dp_replicate x dp_shard = {dims.dp_replicate} x {dims.dp_shard}); "
             f"set train.global_batch to a multiple of {dims.dp_size * t.micro_batch}")
+    check_pipeline(cfg, dims, t.global_batch // (dims.dp_size * t.micro_batch))
     return dims
 
 
@@ -112,7 +115,10 @@ class Trainer:
         self.cfg = cfg
         self.env = RankEnv.from_environ()
         self.device = pick_device(self.env)
-        self.recorder = init_distributed(self.env, self.device)
+        self.owns_process_group = not dist.is_initialized()  # later runs of a sweep reuse it
+        if self.owns_process_group:
+            init_distributed(self.env, self.device)
+        self.recorder = get_recorder()
         self.rank = dist.get_rank()
         self.dims = parallel_dims(cfg, dist.get_world_size())
         self.mesh, self.dp_mesh = self.dims.build_mesh(self.device.type)
@@ -146,21 +152,12 @@ class Trainer:
     def _setup_model(self) -> None:
         cfg = self.cfg
         self.args = ModelArgs.from_config(cfg.model, cfg.data.seq_len, self.dataset.vocab_size)
-        with torch.device("meta"):
-            model = Transformer(self.args)
         self.dtype = compute_dtype(cfg, self.device)
-        if self.dims.tp > 1:
-            a = self.args
-            check_tp_shapes(self.dims.tp, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, ffn_dim=a.ffn_dim,
-                            vocab_size=a.vocab_size)
-            apply_tp(model, self.mesh["tp"])
-        if self.dims.fsdp_enabled:
-            apply_fsdp(model, model.layers.values(), dp_mesh_for(self.mesh, self.dims.dp_replicate),
-                       param_dtype=self.dtype if self.dtype != torch.float32 else None)
-        model.to_empty(device=self.device)
-        init_weights(model, cfg.run.seed)
-        self.model = model
-        self.optimizer, self.scheduler = build_optimizer(cfg, model)
+        self.par = parallelize(self.args, cfg, self.dims, self.mesh, self.device,
+                               param_dtype=self.dtype if self.dtype != torch.float32 else None,
+                               n_micro=self.sampler.num_micro_batches)
+        self.model = self.par.view
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
         # A one-rank job has no FSDP to cast for it: autocast gives it the same mixed precision.
         self.autocast = (torch.autocast(self.device.type, dtype=self.dtype)
                          if self.dtype != torch.float32 and not self.dims.fsdp_enabled else nullcontext())
@@ -186,30 +183,53 @@ class Trainer:
 
     # ---- one step -----------------------------------------------------------------------
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over this rank's micro-batches; returns (local mean loss, grad norm)."""
-        micro_batches = self.sampler.next_step()
-        n = len(micro_batches)
-        loss_sum = torch.zeros((), device=self.device)
-        for i, indices in enumerate(micro_batches):
-            inputs, targets = self.dataset.batch(indices)
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
-            set_gradient_sync(self.model, i == n - 1)
-            with self.autocast:
-                loss = self.model(inputs, targets) / n
-            loss.backward()
-            loss_sum += loss.detach().float()
-        grad_norm = clip_grad_norm_(list(self.model.parameters()), self.cfg.train.grad_clip)
+        """One optimizer step over this rank's micro-batches; returns (local mean loss, grad norm).
+        Ranks without the last pipeline stage return a NaN loss (they compute none)."""
+        micro_batches = [self.dataset.batch(idx) for idx in self.sampler.next_step()]
+        if self.par.schedule is not None:
+            loss = self._pipeline_step(micro_batches)
+        else:
+            loss = self._accumulate(micro_batches)
+        grad_norm = clip_grad_norm_(list(self.model.parameters()), self.cfg.train.grad_clip,
+                                    pp_group=self.par.pp_group)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, grad_norm
+        return loss, grad_norm
+
+    def _accumulate(self, micro_batches) -> torch.Tensor:
+        """Plain (depth-first) gradient accumulation: each micro-batch through the whole model."""
+        n = len(micro_batches)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (inputs, targets) in enumerate(micro_batches):
+            set_gradient_sync(self.model, i == n - 1)
+            with self.autocast:
+                loss = self.model(inputs.to(self.device), targets.to(self.device)) / n
+            loss.backward()
+            loss_sum += loss.detach().float()
+        return loss_sum
+
+    def _pipeline_step(self, micro_batches) -> torch.Tensor:
+        """The schedule splits this rank's batch back into the same micro-batches; it scales
+        gradients by 1 / micro-batches itself."""
+        inputs = torch.cat([x for x, _ in micro_batches]).to(self.device)
+        targets = torch.cat([y for _, y in micro_batches]).to(self.device)
+        losses: list[torch.Tensor] = []
+        args = (inputs,) if self.par.first else ()
+        kwargs = dict(target=targets, losses=losses) if self.par.last else {}
+        with self.autocast:
+            self.par.schedule.step(*args, return_outputs=False, **kwargs)
+        if not self.par.last:
+            return torch.full((), float("nan"), device=self.device)
+        return torch.stack([l.detach().float() for l in losses]).mean()
 
     def _step_record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, step_time: float) -> dict:
         """Reduce this step's numbers over ranks (one all-gather, not counted as the step's comm)."""
         comm = self.recorder.step_summary(reset=True)
-        local = [loss.item(), float(peak_memory_bytes(self.device)), step_time]
+        local = [loss.item(), float(peak_memory_bytes(self.device)), step_time, self._idle_s(step_time)]
         for kind in COMM_KINDS:
             local += [comm.get(kind, {}).get("count", 0), comm.get(kind, {}).get("bytes", 0)]
+        first = len(local) - 2 * len(COMM_KINDS)
         mine = torch.tensor(local, dtype=torch.float64)
         rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         with self.recorder.paused():
@@ -219,17 +239,30 @@ class Trainer:
         step_time = float(table[:, 2].max())
         record = {
             "step": step,
-            "loss": float(table[:, 0].mean()),  # every rank holds its data-parallel share's mean
+            # each rank holding a loss (the last pipeline stage) has its data-parallel share's mean
+            "loss": float(table[:, 0].nanmean()),
             "lr": self.scheduler.get_last_lr()[0],
             "tokens": tokens * step,
             "tokens_per_s": tokens / step_time,
             "grad_norm": float(grad_norm),
             "step_time_s": step_time,
             "peak_memory_bytes": int(table[:, 1].max()),
-            "comm": {kind: {"count": int(table[:, 3 + 2 * i].sum()), "bytes": int(table[:, 4 + 2 * i].sum())}
+            "bubble_fraction": float((table[:, 3] / table[:, 2]).mean()),
+            "comm": {kind: {"count": int(table[:, first + 2 * i].sum()),
+                            "bytes": int(table[:, first + 1 + 2 * i].sum())}
                      for i, kind in enumerate(COMM_KINDS)},
         }
         return record
+
+    def _idle_s(self, step_time: float) -> float:
+        """Seconds of this step spent blocked in pipeline receives (the bubble), from the
+        collective records; 0 without a pipeline."""
+        if self.par.schedule is None:
+            return 0.0
+        since = time.monotonic_ns() - int(step_time * 1e9)
+        waits = [r.t_exit - max(r.t_wait, r.t_enter) for r in self.recorder.records()
+                 if r.op == "recv" and r.t_enter >= since and r.t_exit]
+        return sum(waits) / 1e9
 
     # ---- the loop -----------------------------------------------------------------------
     def fit(self) -> Path:
@@ -270,7 +303,7 @@ class Trainer:
         return self.run_dir
 
     def close(self) -> None:
-        if dist.is_initialized():
+        if self.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -282,15 +315,24 @@ def _progress(cfg: Config, start: int):
     return tqdm(total=cfg.train.steps, initial=start, desc=cfg.run.name, unit="step", dynamic_ncols=True)
 
 
-def train(cfg: Config) -> Path:
-    trainer = Trainer(cfg)
+def train(cfgs: list[Config]) -> list[Path]:
+    """Run each config in turn in this job (one launch, one process group); the first
+    run sets up the process group and the last tears it down."""
+    trainers: list[Trainer] = []
+    run_dirs = []
     try:
-        run_dir = trainer.fit()
-        if trainer.rank == 0:
-            from .report import write_report
+        for cfg in cfgs:
+            trainer = Trainer(cfg)
+            trainers.append(trainer)
+            run_dir = trainer.fit()
+            run_dirs.append(run_dir)
+            if trainer.rank == 0:
+                print(f"run directory: {run_dir}", flush=True)
+                if cfg.metrics.report:
+                    from .report import write_report
 
-            report = write_report(run_dir)
-            print(f"run directory: {run_dir}\nreport: {report}", flush=True)
-        return run_dir
+                    print(f"report: {write_report(run_dir)}", flush=True)
+        return run_dirs
     finally:
-        trainer.close()
+        if trainers:
+            trainers[0].close()

@@ -136,6 +136,8 @@ def _nb(t) -> int:
     return t.nbytes
 
 
+from .recorder import _now  # noqa: E402
+
 _work_init = dist.Work.__init__
 
 
@@ -148,6 +150,8 @@ class _ObservedWork(dist.Work):
 
     def wait(self, timeout=None):
         inner, st, rec = self._w
+        if not rec.t_wait:
+            rec.t_wait = _now()
         try:
             ok = inner.wait() if timeout is None else inner.wait(timeout)
         except BaseException as e:

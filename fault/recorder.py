@@ -42,11 +42,12 @@ class CollectiveRecord:
     global ranks: the group's ranks, or (src, dst) for p2p. Times are
     `time.monotonic_ns()`; `t_exit` is 0 while pending and is stamped when the
     caller's `wait()` returns (exact for blocking calls, an upper bound for
-    work waited on later).
+    work waited on later). `t_wait` is when the caller first called `wait()`:
+    `t_exit - t_wait` is the time the caller sat blocked (a pipeline's bubble).
     """
 
     __slots__ = ("group", "op", "kind", "seq", "nbytes", "peers",
-                 "t_enter", "t_exit", "counted", "error")
+                 "t_enter", "t_wait", "t_exit", "counted", "error")
 
     def __init__(self, group, op, kind, seq, nbytes, peers, counted):
         self.group = group
@@ -56,6 +57,7 @@ class CollectiveRecord:
         self.nbytes = nbytes
         self.peers = peers
         self.t_enter = 0
+        self.t_wait = 0
         self.t_exit = 0
         self.counted = counted
         self.error = None

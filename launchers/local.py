@@ -23,12 +23,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker_args(config_path: str | None, overrides: list[str]) -> tuple[str, ...]:
+def _worker_args(config_path: str | None, overrides: list[str], runs_file: str | None) -> tuple[str, ...]:
     args = ["-m", "dist_train", "train"]
     if config_path:
         args.append(str(config_path))
     for o in overrides:
         args += ["--set", o]
+    if runs_file:
+        args += ["--runs", str(runs_file)]
     return tuple(args)
 
 
@@ -46,8 +48,9 @@ def _run_agent(node_rank: int, nodes: int, per_node: int, port: int, run_id: str
     try:
         elastic_launch(config, entrypoint=sys.executable)(*worker_args)
     except ChildFailedError as e:
-        rank, first = sorted(e.failures.items())[0]
-        raise UserError(f"{len(e.failures)} rank(s) failed; rank {rank} exited with code "
+        # the rank that failed first is the culprit; the agent then terminated the others
+        rank, first = min(e.failures.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
+        raise UserError(f"{len(e.failures)} rank(s) failed; rank {rank} failed first, with exit code "
                         f"{first.exitcode} (its message is printed above)") from None
 
 
@@ -60,7 +63,7 @@ def _agent_process(*args) -> None:
 
 
 def launch_local(config_path: str | None, overrides: list[str], nproc: int, nodes: int = 1,
-                 max_restarts: int = 0) -> None:
+                 max_restarts: int = 0, runs_file: str | None = None) -> None:
     """Run the training job on `nproc` local ranks as `nodes` simulated nodes."""
     if nproc < 1:
         raise UserError(f"--nproc {nproc}: must be at least 1")
@@ -68,7 +71,7 @@ def launch_local(config_path: str | None, overrides: list[str], nproc: int, node
         raise UserError(f"--nodes {nodes}: must divide --nproc {nproc} (each node gets the same number of ranks)")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     per_node, port, run_id = nproc // nodes, free_port(), f"local-{uuid.uuid4().hex[:8]}"
-    worker_args = _worker_args(config_path, overrides)
+    worker_args = _worker_args(config_path, overrides, runs_file)
     if nodes == 1:
         _run_agent(0, 1, per_node, port, run_id, max_restarts, worker_args)
         return

@@ -12,16 +12,21 @@ import torch
 
 
 @torch.no_grad()
-def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
-    """Clip in place (max_norm = 0: measure only); returns the total norm as a plain tensor."""
+def clip_grad_norm_(parameters, max_norm: float, pp_group=None) -> torch.Tensor:
+    """Clip in place (max_norm = 0: measure only); returns the total norm as a plain tensor.
+    With pipeline stages on other ranks, pass the pp group: the squared norms of all
+    stages are summed over it (one more all-reduce)."""
+    import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True) if grads else torch.zeros(())
     if isinstance(total, DTensor):
         total = total.full_tensor()
-    if max_norm > 0:
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        sq = total.float() ** 2
+        dist.all_reduce(sq, group=pp_group)
+        total = sq.sqrt()
+    if max_norm > 0 and grads:
         torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total, foreach=True)
     return total

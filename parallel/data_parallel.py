@@ -18,15 +18,18 @@ def dp_mesh_for(mesh, dp_replicate: int):
     return mesh["dp_replicate", "dp_shard"] if dp_replicate > 1 else mesh["dp_shard"]
 
 
-def apply_fsdp(model: nn.Module, blocks: Iterable[nn.Module], dp_mesh, *, param_dtype=None,
-               reduce_dtype=torch.float32, reshard_after_forward: bool = True) -> nn.Module:
-    """Shard `model` over `dp_mesh`: each of `blocks` is one unit, the root takes the rest."""
+def apply_fsdp(model: nn.Module, units: Iterable[nn.Module], dp_mesh, *, param_dtype=None,
+               reduce_dtype=torch.float32, reshard_after_forward: bool = True,
+               root_reshard_after_forward: bool | None = None) -> nn.Module:
+    """Shard `model` over `dp_mesh`: each of `units` (blocks, a pipeline stage's head) is
+    one FSDP unit, the root takes the rest."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    for block in blocks:
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    for unit in units:
+        fully_shard(unit, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    root = reshard_after_forward if root_reshard_after_forward is None else root_reshard_after_forward
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=root)
     return model
 
 

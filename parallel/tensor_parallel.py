@@ -40,11 +40,11 @@ def check_tp_shapes(tp: int, *, n_heads: int, n_kv_heads: int, ffn_dim: int, voc
 def vocab_parallel_loss(tp_mesh):
     """A loss function (hidden, head_weight, targets) -> mean loss for a vocab-sharded head.
 
-    `hidden` arrives sequence-sharded (a DTensor); it is all-gathered to every tp rank, and
+    `hidden` arrives as this rank's sequence shard; it is all-gathered to every tp rank, and
     its gradient comes back as a partial sum that DTensor reduce-scatters to the sequence
     shards. `head_weight` is a DTensor sharded on the vocabulary (dim 0).
     """
-    from torch.distributed.tensor import DTensor, Partial, Replicate
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
     from dist_train.kernels import vocab_parallel_linear_cross_entropy
 
@@ -52,8 +52,9 @@ def vocab_parallel_loss(tp_mesh):
     tp_rank = tp_mesh.get_local_rank()
 
     def loss_fn(hidden, weight, targets):
-        if isinstance(hidden, DTensor):
-            hidden = hidden.redistribute(tp_mesh, [Replicate()]).to_local(grad_placements=[Partial()])
+        if not isinstance(hidden, DTensor):
+            hidden = DTensor.from_local(hidden, tp_mesh, [Shard(1)], run_check=False)
+        hidden = hidden.redistribute(tp_mesh, [Replicate()]).to_local(grad_placements=[Partial()])
         w = weight.to_local() if isinstance(weight, DTensor) else weight
         vocab = weight.shape[0]
         start = tp_rank * -(-vocab // tp_mesh.size())
@@ -64,19 +65,21 @@ def vocab_parallel_loss(tp_mesh):
 
 
 def apply_tp(model: nn.Module, tp_mesh) -> nn.Module:
-    """Parallelise a Llama-style model over `tp_mesh` in place (before FSDP wraps it)."""
-    from torch.distributed.tensor import Replicate, Shard
+    """Parallelise a Llama-style model (or one pipeline stage of it) over `tp_mesh` in
+    place, before FSDP wraps it. Parts a pipeline stage lacks (None) are skipped."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                    SequenceParallel, parallelize_module)
 
-    top = {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-        "norm": SequenceParallel(),
-    }
-    if getattr(model, "output", None) is not None:
-        # Only its weight is used (by the vocab-parallel loss): shard the vocabulary rows.
-        top["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
-    parallelize_module(model, tp_mesh, top)
+    top = {}
+    if model.tok_embeddings is not None:
+        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    if model.norm is not None:
+        # local output: stage boundaries and the loss get a plain tensor (this rank's
+        # sequence shard), as between blocks
+        top["norm"] = SequenceParallel(use_local_output=True)
+    if top:
+        parallelize_module(model, tp_mesh, top)
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, {
             "attention_norm": SequenceParallel(),
@@ -92,5 +95,12 @@ def apply_tp(model: nn.Module, tp_mesh) -> nn.Module:
             "feed_forward.w3": ColwiseParallel(),
             "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
         })
-    model.loss_fn = vocab_parallel_loss(tp_mesh)
+    loss_fn = vocab_parallel_loss(tp_mesh)
+    model.loss_fn = loss_fn  # the tied head's
+    head = getattr(model, "output", None)
+    if head is not None:  # only its weight is used, by the loss: shard the vocabulary rows
+        distribute_module(head, tp_mesh, lambda name, mod, mesh: [
+            mod.register_parameter(n, nn.Parameter(distribute_tensor(p, mesh, [Shard(0)])))
+            for n, p in list(mod.named_parameters(recurse=False))])
+        head.loss_fn = loss_fn
     return model

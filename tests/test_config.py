@@ -80,7 +80,10 @@ BAD_LAYOUTS = [
     (["parallel.ep=2"], 4, "parallel.ep = 2: expert parallelism is not available yet"),
     (["parallel.tp=4"], 4, "parallel.tp = 4 must divide model.n_kv_heads = 2"),
     (["parallel.tp=2", "model.ffn_dim=99"], 4, "parallel.tp = 2 must divide model.ffn_dim = 99"),
-    (["parallel.pp=2"], 4, "parallel.pp = 2: pipeline parallelism is not available yet"),
+    (["parallel.pp=3"], 3, "model.n_layers = 4 cannot be split for parallel.pp = 3"),
+    (["parallel.pp=4", "parallel.pp_schedule=interleaved"], 4, "n_layers must be a multiple of pp x 2 = 8"),
+    (["parallel.pp=2", "model.tie_embeddings=true"], 2, "model.tie_embeddings = true cannot be used with pipeline"),
+    (["parallel.pp=4", "train.global_batch=4"], 4, "2 micro-batch(es) per step, fewer than parallel.pp = 4"),
     (["diloco.enabled=true"], 4, "DiLoCo is not available yet"),
 ]
 

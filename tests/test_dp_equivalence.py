@@ -1,8 +1,7 @@
 """Sharded data parallelism through real gloo ranks gives the single-process reference's
 losses and parameters; resuming (also on another layout) continues exactly.
 
-One module-scoped set of runs of `dist-train local` feeds every test here (a launch
-costs ~10-20 s on 2 cores):
+One module-scoped set of launches of `dist-train local --runs` feeds every test here:
   ref   1 rank, 10 steps, checkpoints at 5 and 10 (the reference)
   fsdp4 dp_shard=4, 10 steps
   hsdp  dp_replicate=2 x dp_shard=2, 5 steps, then resumed as dp_shard=2 to step 10
@@ -16,7 +15,7 @@ import shutil
 import pytest
 import torch
 
-from tests.conftest import read_metrics, run_cli, tiny_overrides
+from tests.conftest import read_metrics, run_cli, sweep, tiny_overrides
 
 STEPS = 10
 TOL = dict(rtol=2e-5, atol=2e-6)
@@ -39,11 +38,11 @@ def local(root, name, nproc, steps, **sets):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dp")
-    local(root, "ref", 1, STEPS)
-    local(root, "fsdp4", 4, STEPS)
-    local(root, "hsdp", 4, 5, **{"parallel.dp_replicate": 2, "parallel.dp_shard": 2})
-    resumed = local(root, "hsdp", 2, STEPS, **{"parallel.dp_shard": 2})
-    local(root, "fsdp2", 2, 5)
+    common = {"checkpoint.every": 5, "train.steps": STEPS}
+    sweep(root, 1, {"ref": {}}, common)
+    sweep(root, 4, {"fsdp4": {"metrics.report": "true"},
+                    "hsdp": {"parallel.dp_replicate": 2, "parallel.dp_shard": 2, "train.steps": 5}}, common)
+    resumed = sweep(root, 2, {"hsdp": {"parallel.dp_shard": 2}, "fsdp2": {"train.steps": 5}}, common)
     return root, resumed
 
 
