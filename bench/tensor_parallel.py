@@ -1,6 +1,7 @@
 """Tensor-parallel layouts: tokens/s and bytes communicated per step, measured vs analytic.
 
-For one fixed model, each layout runs `dist-train local` for a few steps; the bytes each
+For one fixed model, each layout runs a few steps (one `dist-train local --runs` launch per
+world size); the bytes each
 collective kind moved per rank and step come from the observed process group (metrics.jsonl,
 summed over ranks, divided by the world size here). The analytic count is derived from how
 the layout works (per rank, per optimizer step; N micro-batches per rank, A = micro_batch x
@@ -29,14 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _launch import REPO, run_sweep, steady_median  # noqa: E402
+
 sys.path.insert(0, str(REPO))
 
 MODEL = {"model.dim": 64, "model.n_layers": 4, "model.n_heads": 4, "model.n_kv_heads": 4}
@@ -89,21 +89,6 @@ def analytic(a, tp: int, dps: int, dpr: int, seq: int, gb: int, mb: int) -> dict
     return out
 
 
-def run_layout(root: Path, name: str, ranks: int, tp: int, dps: int, dpr: int, steps: int) -> list[dict]:
-    sets = {**MODEL, **DATA, "parallel.tp": tp, "parallel.dp_shard": dps, "parallel.dp_replicate": dpr,
-            "run.dir": str(root), "run.name": name.replace(" ", "").replace("=", ""),
-            "train.steps": steps, "metrics.progress": "false", "checkpoint.every": 0}
-    cmd = [sys.executable, "-m", "dist_train", "local", "--nproc", str(ranks), "configs/tiny.toml"]
-    for k, v in sets.items():
-        cmd += ["--set", f"{k}={v}"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if proc.returncode:
-        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-    path = root / sets["run.name"] / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=4)
@@ -112,15 +97,22 @@ def main() -> None:
     a = model_shapes()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        by_ranks: dict[int, dict] = {}
         for name, (ranks, tp, dps, dpr) in LAYOUTS.items():
-            records = run_layout(Path(tmp), name, ranks, tp, dps, dpr, args.steps)
-            steady = records[1:] or records
-            tok_s = statistics.median(r["tokens_per_s"] for r in steady)
-            measured = {k: statistics.median(r["comm"][k]["bytes"] for r in steady) / ranks for k in KINDS}
+            by_ranks.setdefault(ranks, {})[name] = {"parallel.tp": tp, "parallel.dp_shard": dps,
+                                                    "parallel.dp_replicate": dpr}
+        metrics = {}
+        for ranks, runs in by_ranks.items():  # one launch per world size
+            keyed = {n.replace(" ", "").replace("=", ""): sets for n, sets in runs.items()}
+            got = run_sweep(Path(tmp), ranks, keyed, {**MODEL, **DATA, "train.steps": args.steps})
+            metrics.update({n: got[n.replace(" ", "").replace("=", "")] for n in runs})
+        for name, (ranks, tp, dps, dpr) in LAYOUTS.items():
+            records = metrics[name]
+            measured = {k: steady_median(records, lambda r, k=k: r["comm"][k]["bytes"]) / ranks for k in KINDS}
             expect = analytic(a, tp, dps, dpr, DATA["data.seq_len"], DATA["train.global_batch"],
                               DATA["train.micro_batch"])
-            rows.append({"layout": name, "ranks": ranks, "tokens_per_s": tok_s, "measured": measured,
-                         "analytic": expect})
+            rows.append({"layout": name, "ranks": ranks, "tokens_per_s": steady_median(records, "tokens_per_s"),
+                         "measured": measured, "analytic": expect})
     base = rows[0]["tokens_per_s"]
     print(f"model: dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads / {a.n_kv_heads} kv, ffn {a.ffn_dim}, "
           f"vocab {a.vocab_size}; seq {DATA['data.seq_len']}, global batch {DATA['train.global_batch']}, "

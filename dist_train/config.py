@@ -76,6 +76,7 @@ class TrainSection:
     beta2: float = _f(0.95, "AdamW beta2", min=0.0, max=1.0)
     grad_clip: float = _f(1.0, "global gradient-norm clip; 0 = off", min=0.0)
     dtype: str = _f("auto", "compute dtype; auto = fp32 on CPU, bf16 on GPU", choices=("auto", "fp32", "bf16"))
+    activation_checkpoint: bool = _f(False, "recompute each block's activations in backward, per micro-batch")
 
 
 @dataclass

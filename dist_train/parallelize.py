@@ -66,6 +66,8 @@ def parallelize(args: ModelArgs, cfg: Config, dims: ParallelDims, mesh, device: 
         parts, stage_ids = [model], []
     dp_mesh = dp_mesh_for(mesh, dims.dp_replicate) if dims.fsdp_enabled else None
     for part in parts:
+        for block in part.layers.values():
+            block.checkpoint = cfg.train.activation_checkpoint
         if dims.tp > 1:
             apply_tp(part, mesh["tp"])
         if dp_mesh is not None:

@@ -23,7 +23,8 @@ COMMON = {"model.n_layers": 8, "train.steps": STEPS, "checkpoint.every": STEPS}
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "layered")
 PP2 = {f"pp2_{s}": {"parallel.pp": 2, "parallel.pp_schedule": s} for s in SCHEDULES}
 PP4 = {f"pp4_{s}": {"parallel.pp": 4, "parallel.pp_schedule": s} for s in SCHEDULES}
-PP4["pp2_dps2_layered"] = {"parallel.pp": 2, "parallel.dp_shard": 2, "parallel.pp_schedule": "layered"}
+PP4["pp2_dps2_layered"] = {"parallel.pp": 2, "parallel.dp_shard": 2, "parallel.pp_schedule": "layered",
+                           "train.activation_checkpoint": "true"}
 PP4["pp2_tp2_1f1b"] = {"parallel.pp": 2, "parallel.tp": 2, "parallel.pp_schedule": "1f1b"}
 LAYOUTS = [*PP2, *PP4]
 MICRO = (2, 4, 8)  # micro-batches per step for the layered-accumulation counts
@@ -32,7 +33,8 @@ UNITS = 8 + 1      # FSDP units with layered stages: one per layer stage, plus t
 
 def _counts_runs() -> dict:
     runs = {f"layered_{n}": {"parallel.pp_schedule": "layered", "parallel.dp_shard": 2,
-                             "train.global_batch": 2 * 2 * n, "train.steps": 2, "checkpoint.every": 0}
+                             "train.global_batch": 2 * 2 * n, "train.steps": 2, "checkpoint.every": 0,
+                             "train.activation_checkpoint": "true"}
             for n in MICRO}
     runs["plain_8"] = {"parallel.pp_schedule": "1f1b", "parallel.dp_shard": 2, "train.global_batch": 32,
                        "train.steps": 2, "checkpoint.every": 0}
@@ -89,7 +91,8 @@ def test_checkpoint_moves_between_pp_layouts(root, name):
 
 
 def test_layered_fsdp_gathers_do_not_grow_with_micro_batches(root):
-    """Layered accumulation, pp=1, dp_shard=2 (2 ranks): per step each FSDP unit is
+    """Layered accumulation with activations checkpointed per micro-batch, pp=1,
+    dp_shard=2 (2 ranks): per step each FSDP unit is
     reduce-scattered once and all-gathered at most twice (forward, backward) for 2, 4 and 8
     micro-batches; plain accumulation gathers every block and the root twice per micro-batch."""
     ranks = 2
