@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from dist_train import kernels
 from dist_train.fault.collectives import get_recorder, name_mesh_groups
-from dist_train.data import DistributedBatchSampler, TokenDataset, ensure_prepared, load_tokenizer
+from dist_train.data import DistributedBatchSampler, TokenDataset, ensure_prepared
 from dist_train.parallel.clip import clip_grad_norm_
 from dist_train.parallel.data_parallel import set_gradient_sync
 from dist_train.parallel.dims import ParallelDims
@@ -142,12 +142,10 @@ class Trainer:
         with self.recorder.paused():
             box = [str(shard_dir) if shard_dir else None]
             dist.broadcast_object_list(box, src=0)
-        self.tokenizer = load_tokenizer(d.tokenizer)
         self.dataset = TokenDataset(box[0], d.seq_len)
-        dp_mesh = self.dp_mesh
         self.sampler = DistributedBatchSampler(
             len(self.dataset), global_batch=self.cfg.train.global_batch, micro_batch=self.cfg.train.micro_batch,
-            dp_size=dp_mesh.size(), dp_rank=dp_mesh.get_local_rank(), seed=self.cfg.run.seed)
+            dp_size=self.dp_mesh.size(), dp_rank=self.dp_mesh.get_local_rank(), seed=self.cfg.run.seed)
 
     def _setup_model(self) -> None:
         cfg = self.cfg

@@ -1,5 +1,5 @@
 """Pipeline schedules (gpipe, 1f1b, interleaved, layered) at pp=2 and pp=4, and pp composed
-with dp_shard and tp, give the single-process plain-accumulation reference's losses,
+with dp_shard, dp_replicate and tp, give the single-process plain-accumulation reference's losses,
 gradient norms (every step) and final parameters; checkpoints move between pp layouts;
 layered accumulation gathers and reduce-scatters each layer a fixed number of times per
 step, whatever the number of micro-batches.
@@ -26,6 +26,8 @@ PP4 = {f"pp4_{s}": {"parallel.pp": 4, "parallel.pp_schedule": s} for s in SCHEDU
 PP4["pp2_dps2_layered"] = {"parallel.pp": 2, "parallel.dp_shard": 2, "parallel.pp_schedule": "layered",
                            "train.activation_checkpoint": "true"}
 PP4["pp2_tp2_1f1b"] = {"parallel.pp": 2, "parallel.tp": 2, "parallel.pp_schedule": "1f1b"}
+PP4["pp2_dpr2_gpipe"] = {"parallel.pp": 2, "parallel.dp_replicate": 2, "parallel.dp_shard": 1,
+                         "parallel.pp_schedule": "gpipe"}
 LAYOUTS = [*PP2, *PP4]
 MICRO = (2, 4, 8)  # micro-batches per step for the layered-accumulation counts
 UNITS = 8 + 1      # FSDP units with layered stages: one per layer stage, plus the head
