@@ -19,7 +19,8 @@ def clip_grad_norm_(parameters, max_norm: float, pp_group=None) -> torch.Tensor:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    grads = [p.grad for p in parameters if p.grad is not None]
+    params = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in params]
     total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True) if grads else torch.zeros(())
     if isinstance(total, DTensor):
         total = total.full_tensor()
@@ -27,6 +28,6 @@ def clip_grad_norm_(parameters, max_norm: float, pp_group=None) -> torch.Tensor:
         sq = total.float() ** 2
         dist.all_reduce(sq, group=pp_group)
         total = sq.sqrt()
-    if max_norm > 0 and grads:
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total, foreach=True)
+    if max_norm > 0 and params:  # takes the parameters (it scales their .grad), not the grads
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
     return total

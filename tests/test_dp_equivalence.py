@@ -63,6 +63,60 @@ def test_reference_loss_falls(runs):
     assert len(ref) == STEPS and ref[-1] < ref[0] - 0.5
 
 
+def plain_torch_loop(cfg, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The same training written directly against torch (its own clip_grad_norm_, AdamW and a
+    hand-written warm-up + cosine schedule): what dist-train's single rank must reproduce."""
+    import math
+
+    from dist_train.data import DistributedBatchSampler, TokenDataset, ensure_prepared
+    from dist_train.model import ModelArgs, Transformer, init_weights
+
+    t = cfg.train
+    data = TokenDataset(ensure_prepared("bundled", None, "byte"), cfg.data.seq_len)
+    sampler = DistributedBatchSampler(len(data), global_batch=t.global_batch, micro_batch=t.micro_batch,
+                                      dp_size=1, dp_rank=0, seed=cfg.run.seed)
+    model = Transformer(ModelArgs.from_config(cfg.model, cfg.data.seq_len, data.vocab_size))
+    init_weights(model, cfg.run.seed)
+    opt = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.dim() >= 2]},
+                             {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay, eps=1e-8)
+    out = []
+    for step in range(steps):
+        if step < t.warmup:
+            factor = (step + 1) / t.warmup
+        else:
+            factor = t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (
+                1 + math.cos(math.pi * (step - t.warmup) / (t.steps - t.warmup)))
+        for group in opt.param_groups:
+            group["lr"] = t.lr * factor
+        micro = sampler.next_step()
+        total = 0.0
+        for idx in micro:
+            loss = model(*data.batch(idx)) / len(micro)
+            loss.backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        opt.zero_grad()
+        out.append(total)
+    return out, {k: v.detach() for k, v in model.state_dict().items() if not k.startswith("rope")}
+
+
+def test_reference_matches_a_plain_torch_loop(runs):
+    """Guards what the layout comparisons cannot see (every layout shares the trainer):
+    clipping, the schedule, weight-decay groups, accumulation scaling."""
+    from dist_train.config import load_config
+
+    root, _ = runs
+    cfg = load_config(root / "ref/config.toml", [])
+    plain_losses, plain_params = plain_torch_loop(cfg, STEPS)
+    torch.testing.assert_close(losses(root / "ref"), plain_losses, **TOL)
+    ours = load_params(root / "ref/checkpoints/step-000010")
+    assert ours.keys() == plain_params.keys()
+    for k in ours:
+        torch.testing.assert_close(ours[k], plain_params[k], **TOL, msg=lambda m, k=k: f"{k}: {m}")
+
+
 @pytest.mark.parametrize("name,steps", [("fsdp4", STEPS), ("fsdp2", 5)])
 def test_sharded_layout_matches_reference(runs, name, steps):
     root, _ = runs
