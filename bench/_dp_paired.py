@@ -13,8 +13,9 @@ all-gather every step; the plain loop has none). Per block: each rank's wall and
 a step's time is the ranks' mean (each rank's blocks tile its timeline).
 
 Switches for the plain side, to find what a gap is made of:
-  --root-reshard  root `reshard_after_forward=True`, as parallel/data_parallel.py passes
-                  (torch's default, None, keeps the root unsharded from forward to backward)
+  --root-reshard  root `reshard_after_forward=True`, as dist-train did before 2026-11-23
+                  (torch's default, None, keeps the root unsharded from forward to backward,
+                  as dist-train does now)
   --plain-sync    one small all-gather after every step, like dist-train's metrics record
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 eager and torch.compile.
 
     python bench/kernels.py                 # all ops; CUDA if available, else CPU
-    python bench/kernels.py --ops cross_entropy --repeats 3 --no-compile
+    python bench/kernels.py --ops linear_cross_entropy --repeats 3 --no-compile
 
 On CUDA (bf16; dim 4096, vocab 128k, seq 4096) "ours" is the Triton path (backend="triton").
 On the CPU Triton cannot run (the interpreter is a correctness tool, not a benchmark), so
@@ -248,6 +248,10 @@ def main(argv=None) -> int:
           f"triton={'yes' if triton_runnable(device) else 'no (CPU: ours = our torch path where it differs)'}")
     print(f"sizes: {s}")
     cases = build_cases(device, args.tiny)
+    known = set(cases) | {name.split("+")[0] for name in cases}
+    unknown = sorted(set(args.ops or ()) - known)
+    if unknown:
+        ap.error(f"--ops: unknown op(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
     rows = []
     for name, (make, impls) in cases.items():
         if args.ops and name not in args.ops and name.split("+")[0] not in args.ops:

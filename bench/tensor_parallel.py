@@ -16,7 +16,8 @@ tensor + sequence parallel (tp > 1), per micro-batch
                   the sequence-parallel norm weights' partial gradients, (2L + 1) x dim x 4
                   (once per micro-batch without FSDP; FSDP reduces them once per step)
 FSDP over dp_shard > 1 (units = L blocks + root, P_u = a unit's parameters on this tp rank)
-  all-gather      2 per unit and micro-batch (forward, and again for backward): 2N x sum(P_u) x 4
+  all-gather      per micro-batch, 2 per block (forward, and again for backward) and 1 for
+                  the root (kept gathered through backward): N x (2 x sum(P_block) + P_root) x 4
   reduce-scatter  1 per unit and step (gradient sync on the last micro-batch): sum(P_u) x 4
 HSDP over dp_replicate > 1
   all-reduce      1 per unit and step of the shard: sum(P_u) / dp_shard x 4
@@ -60,7 +61,7 @@ def model_shapes():
 
 
 def unit_params(a, tp: int) -> list[int]:
-    """Parameters of each FSDP unit (blocks, then the root) held by one tp rank."""
+    """Parameters of each FSDP unit (blocks, then the root last) held by one tp rank."""
     hd = a.head_dim
     block = 2 * a.dim + (2 * a.n_heads * hd * a.dim + 2 * a.n_kv_heads * hd * a.dim + 3 * a.ffn_dim * a.dim) // tp
     root = a.vocab_size * a.dim // tp * (1 if a.tie_embeddings else 2) + a.dim
@@ -80,7 +81,7 @@ def analytic(a, tp: int, dps: int, dpr: int, seq: int, gb: int, mb: int) -> dict
         out["all_reduce"] += (1 if fsdp else n_micro) * (2 * L + 1) * a.dim * 4
     units = unit_params(a, tp)
     if dps > 1:
-        out["all_gather"] += 2 * n_micro * sum(units) * 4
+        out["all_gather"] += n_micro * (2 * sum(units[:-1]) + units[-1]) * 4
         out["reduce_scatter"] += sum(units) * 4
     if dpr > 1:
         out["all_reduce"] += sum(units) // dps * 4

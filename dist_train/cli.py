@@ -1,4 +1,4 @@
-"""The `dist-train` command: train, local, prepare, report.
+"""The `dist-train` command: train, local, prepare, report, drill.
 
 User mistakes (bad config, bad data, impossible layout) end in one line naming the field
 and the fix, exit code 2 — never a traceback.
@@ -46,6 +46,15 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     sp = sub.add_parser("report", help="draw a run's curves to RUN_DIR/report/*.png")
     sp.add_argument("run_dir")
+    sp = sub.add_parser("drill", help="C4 drills: run a simulated job with an injected fault and check that "
+                                      "it is detected and named")
+    config_args(sp)
+    sp.add_argument("--fault", action="append", default=[], metavar="KIND:rank=R,...",
+                    help="fault to inject, e.g. hang:rank=2,step=5 (repeatable; one drill each)")
+    sp.add_argument("--all", action="store_true", help="one drill per fault kind (on rank 0 and on the last rank)")
+    sp.add_argument("--nproc", type=int, default=4, help="ranks per drill job (default 4)")
+    sp.add_argument("--repeats", type=int, default=1, help="run each drill this many times")
+    sp.add_argument("--jitter-steps", type=int, default=40, help="steps of the jitter drill (no finding expected)")
     return p
 
 
@@ -58,10 +67,14 @@ def _local(args) -> None:
 
     cfgs = load_runs(args.config, args.overrides, args.runs)  # fail here, once, before any rank starts
     for cfg in cfgs:
-        parallel_dims(cfg, args.nproc)
+        parallel_dims(cfg, args.nproc, args.nproc // args.nodes if args.nodes > 0 else None)
         check_run_dir(cfg)
         ensure_prepared(cfg.data.source, cfg.data.cache_dir or None, cfg.data.tokenizer)
-    launch_local(args.config, args.overrides, args.nproc, args.nodes, args.max_restarts, args.runs)
+    from .c4 import launcher_faults
+
+    c4, sigstops = launcher_faults(cfgs, args.nproc)
+    launch_local(args.config, args.overrides, args.nproc, args.nodes, args.max_restarts, args.runs,
+                 c4=c4, sigstops=sigstops)
 
 
 def _prepare(args) -> None:
@@ -82,6 +95,10 @@ def run(argv: list[str] | None = None) -> None:
         _local(args)
     elif args.command == "prepare":
         _prepare(args)
+    elif args.command == "drill":
+        from dist_train.launchers.drill import drill_command
+
+        drill_command(args)
     elif args.command == "report":
         from .report import write_report
 

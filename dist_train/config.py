@@ -53,6 +53,11 @@ class ModelSection:
     moe_experts: int = _f(0, "experts per MoE layer; 0 = dense model", min=0)
     moe_top_k: int = _f(2, "experts each token is routed to", min=1)
     moe_every: int = _f(1, "every n-th block is an MoE block", min=1)
+    moe_aux_weight: float = _f(0.01, "weight of the Switch load-balancing loss (added per MoE layer)", min=0.0)
+    moe_z_weight: float = _f(0.001, "weight of the router z-loss (mean squared log-sum-exp of router logits)", min=0.0)
+    moe_capacity_factor: float = _f(0.0, "expert capacity = factor x tokens x top_k / experts, extra copies "
+                                         "dropped; 0 = dropless", min=0.0)
+    moe_shared_expert: bool = _f(False, "add one always-on SwiGLU expert (ffn_dim wide) to every MoE layer")
 
 
 @dataclass
@@ -110,6 +115,27 @@ class CheckpointSection:
 @dataclass
 class C4Section:
     enabled: bool = _f(False, "watch collectives and name hung or slow ranks and links")
+    detector: str = _f("auto", "where the detector runs: auto = in the launcher under `dist-train local`, else "
+                       "in every rank's side thread (lowest fresh rank writes)", choices=("auto", "launcher", "ranks"))
+    interval_s: float = _f(0.2, "seconds between a rank's state publications", min=0.02, max=5.0)
+    stale_s: float = _f(1.5, "a rank whose state has not changed for this long is not responding", min=0.1)
+    hang_min_s: float = _f(1.5, "a wait shorter than this is never a hang (floor of the relative threshold)",
+                           min=0.1)
+    hang_factor: float = _f(10.0, "a wait longer than this x the group's recent p90 op duration is a hang",
+                            min=1.0)
+    hang_steps: float = _f(3.0, "...and longer than this x the median step time", min=0.0)
+    startup_s: float = _f(30.0, "before every rank finished a run's first step, a wait is a hang only after this "
+                          "long (lazy initialisation)", min=0.0)
+    slow_window: int = _f(5, "steps compared for slow ranks and links", min=2)
+    slow_consistency: float = _f(0.8, "share of the window's steps a slow rank must arrive last in",
+                                 min=0.5, max=1.0)
+    slow_ratio: float = _f(0.3, "peers must wait for a slow rank (or a link be slower) by this share of the "
+                           "step time", min=0.01)
+    link_factor: float = _f(2.0, "a link is slow when its ops take this x longer than its sibling groups'",
+                            min=1.0)
+    link_ratio: float = _f(0.1, "...and that costs at least this share of the step time", min=0.0)
+    warmup_steps: int = _f(2, "steps after (re)start left out of slow-rank comparisons", min=0)
+    act: bool = _f(True, "on a hang stop the job (exit code 75) so the launcher restarts it from a checkpoint")
 
 
 @dataclass
@@ -288,7 +314,8 @@ def _validate(cfg: Config) -> None:
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(f"model.n_kv_heads = {m.n_kv_heads} must divide model.n_heads = {m.n_heads}")
     if m.moe_experts and m.moe_top_k > m.moe_experts:
-        raise ConfigError(f"model.moe_top_k = {m.moe_top_k} exceeds model.moe_experts = {m.moe_experts}")
+        raise ConfigError(f"model.moe_top_k = {m.moe_top_k} exceeds model.moe_experts = {m.moe_experts}; "
+                          f"set model.moe_top_k <= {m.moe_experts}")
     if t.global_batch % t.micro_batch:
         raise ConfigError(f"train.global_batch = {t.global_batch} is not divisible by train.micro_batch = "
                           f"{t.micro_batch}; make global_batch a multiple of micro_batch")
@@ -297,5 +324,12 @@ def _validate(cfg: Config) -> None:
     r = cfg.checkpoint.resume
     if r not in ("latest", "none") and not Path(r).exists():
         raise ConfigError(f"checkpoint.resume = {r!r}: no such checkpoint; use 'latest', 'none' or an existing path")
+    if cfg.fault.inject:
+        from dist_train.fault.inject import InjectError, parse_specs
+
+        try:
+            parse_specs(cfg.fault.inject)
+        except InjectError as e:
+            raise ConfigError(f"fault.inject: {e}") from None
     if not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", ".."):
         raise ConfigError(f"run.name = {cfg.run.name!r}: must be a plain folder name, e.g. 'tiny-1'")

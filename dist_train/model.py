@@ -4,13 +4,16 @@ Every norm, rotary embedding, attention, activation and the loss goes through
 `dist_train.kernels`, so the Triton/torch choice never touches the block's structure.
 Blocks sit in a ModuleDict keyed by layer index so a pipeline stage can drop the ones it
 does not own and keep checkpoint names stable. `Block.feed_forward` is built by
-`build_feed_forward`, the one place an MoE layer will plug in.
+`build_feed_forward`, the one place the MoE layer (dist_train/moe.py) plugs in: with
+`moe_experts > 0`, every `moe_every`-th block's MLP is a mixture of experts.
 
 Init (documented because layouts must agree on it): every weight matrix ~ N(0, init_std);
 the two projections that write into the residual stream (attention `wo`, MLP `w2`) use
 init_std / sqrt(2 * n_layers) (GPT-2's residual scaling); norm weights are 1. Each
 parameter draws from its own generator seeded by (seed, parameter name), so the values do
-not depend on how the model is sharded or split.
+not depend on how the model is sharded or split. Stacked expert weights ([n_experts, ...])
+are drawn as one full tensor too, so expert parallelism keeps the same values; the
+experts' and shared expert's `w2` are residual projections; the router is N(0, init_std).
 """
 from __future__ import annotations
 
@@ -51,6 +54,13 @@ class ModelArgs:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    moe_experts: int = 0          # 0 = dense
+    moe_top_k: int = 2
+    moe_every: int = 1
+    moe_aux_weight: float = 0.0
+    moe_z_weight: float = 0.0
+    moe_capacity_factor: float = 0.0
+    moe_shared_expert: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -63,7 +73,18 @@ class ModelArgs:
         return cls(dim=model_cfg.dim, n_layers=model_cfg.n_layers, n_heads=model_cfg.n_heads,
                    n_kv_heads=model_cfg.n_kv_heads, vocab_size=vocab, ffn_dim=ffn, max_seq_len=seq_len,
                    tie_embeddings=model_cfg.tie_embeddings, rope_theta=model_cfg.rope_theta,
-                   norm_eps=model_cfg.norm_eps, init_std=model_cfg.init_std)
+                   norm_eps=model_cfg.norm_eps, init_std=model_cfg.init_std,
+                   moe_experts=model_cfg.moe_experts, moe_top_k=model_cfg.moe_top_k, moe_every=model_cfg.moe_every,
+                   moe_aux_weight=model_cfg.moe_aux_weight, moe_z_weight=model_cfg.moe_z_weight,
+                   moe_capacity_factor=model_cfg.moe_capacity_factor,
+                   moe_shared_expert=model_cfg.moe_shared_expert)
+
+    def moe_layer_ids(self) -> list[int]:
+        from .moe import is_moe_layer
+
+        if not self.moe_experts:
+            return []
+        return [i for i in range(self.n_layers) if is_moe_layer(i, self.moe_every)]
 
 
 class RMSNorm(nn.Module):
@@ -112,8 +133,14 @@ class FeedForward(nn.Module):
 
 
 def build_feed_forward(a: ModelArgs, layer_id: int) -> nn.Module:
-    """The MLP of block `layer_id` (the hook where an MoE layer replaces the dense one)."""
-    return FeedForward(a.dim, a.ffn_dim)
+    """The MLP of block `layer_id`: dense, or on MoE layers a mixture of experts."""
+    if layer_id not in a.moe_layer_ids():
+        return FeedForward(a.dim, a.ffn_dim)
+    from .moe import MoE
+
+    return MoE(a.dim, a.ffn_dim, a.moe_experts, a.moe_top_k, aux_weight=a.moe_aux_weight, z_weight=a.moe_z_weight,
+               capacity_factor=a.moe_capacity_factor,
+               shared_expert=FeedForward(a.dim, a.ffn_dim) if a.moe_shared_expert else None)
 
 
 class Head(nn.Module):
@@ -195,7 +222,7 @@ class Transformer(nn.Module):
 
 
 def _residual_out(name: str) -> bool:
-    return name.endswith("attention.wo.weight") or name.endswith("feed_forward.w2.weight")
+    return name.endswith(("attention.wo.weight", "feed_forward.w2.weight", "experts.w2", "shared_expert.w2.weight"))
 
 
 def param_seed(seed: int, name: str) -> int:
@@ -227,22 +254,32 @@ def init_weights(model: nn.Module, seed: int, args: ModelArgs | None = None) -> 
             p.copy_(full)
 
 
+def _ffn_params(a: ModelArgs, layer_id: int, active: bool) -> int:
+    """MLP parameters of one block; `active`: those one token uses (top-k experts)."""
+    mlp = 3 * a.dim * a.ffn_dim
+    if layer_id not in a.moe_layer_ids():
+        return mlp
+    experts = a.moe_top_k if active else a.moe_experts
+    return a.dim * a.moe_experts + experts * mlp + (mlp if a.moe_shared_expert else 0)
+
+
 def count_params(a: ModelArgs) -> dict:
-    """Parameters in total and without the embedding (the usual FLOP-count convention);
-    from the shapes, so it is the same on every rank whatever the sharding."""
-    total = a.vocab_size * a.dim * (1 if a.tie_embeddings else 2)
-    per_block = (2 * a.dim  # norms
-                 + a.dim * a.n_heads * a.head_dim * 2 + a.dim * a.n_kv_heads * a.head_dim * 2
-                 + 3 * a.dim * a.ffn_dim)
-    total += a.n_layers * per_block + a.dim
-    return {"total": total, "non_embedding": total - a.vocab_size * a.dim}
+    """Parameters in total, without the embedding (the usual FLOP-count convention), and
+    active per token (MoE: router + top-k experts + shared expert); from the shapes, so it
+    is the same on every rank whatever the sharding."""
+    embed = a.vocab_size * a.dim * (1 if a.tie_embeddings else 2)
+    attn = 2 * a.dim + a.dim * a.n_heads * a.head_dim * 2 + a.dim * a.n_kv_heads * a.head_dim * 2  # + norms
+    total = embed + a.n_layers * attn + a.dim + sum(_ffn_params(a, i, False) for i in range(a.n_layers))
+    active = embed + a.n_layers * attn + a.dim + sum(_ffn_params(a, i, True) for i in range(a.n_layers))
+    return {"total": total, "non_embedding": total - a.vocab_size * a.dim, "active": active}
 
 
 def flops_per_token(args: ModelArgs, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward): 6 x matmul parameters (head included)
     plus causal attention scores and values, 12 x n_layers x dim x seq_len (Kaplan et al.
-    2020, PaLM appendix B)."""
+    2020, PaLM appendix B). MoE layers count the parameters a token is routed through."""
     matmul = (args.n_layers * (2 * args.dim * args.n_heads * args.head_dim
-                               + 2 * args.dim * args.n_kv_heads * args.head_dim + 3 * args.dim * args.ffn_dim)
+                               + 2 * args.dim * args.n_kv_heads * args.head_dim)
+              + sum(_ffn_params(args, i, True) for i in range(args.n_layers))
               + args.vocab_size * args.dim)
     return 6.0 * matmul + 12.0 * args.n_layers * args.dim * seq_len

@@ -24,30 +24,24 @@ from dist_train.parallel.data_parallel import set_gradient_sync
 from dist_train.parallel.dims import ParallelDims
 from dist_train.parallel.tensor_parallel import check_tp_shapes
 
+from .c4 import start_monitor
 from .checkpoint import Checkpointer
 from .config import Config, ConfigError
 from .distributed import RankEnv, init_distributed, pick_device
 from .metrics import COMM_KINDS, MetricsWriter, peak_memory_bytes
+from . import moe
 from .model import ModelArgs, count_params
-from .parallelize import check_pipeline, parallelize
+from .parallelize import check_moe, check_pipeline, parallelize
 
-NOT_YET = {"ep": "expert parallelism"}
-
-
-def parallel_dims(cfg: Config, world_size: int) -> ParallelDims:
-    """The layout for this world size, refusing what this version cannot run yet."""
+def parallel_dims(cfg: Config, world_size: int, local_world_size: int | None = None) -> ParallelDims:
+    """The layout for this world size, refusing what this version cannot run yet.
+    `local_world_size` (ranks per node) lets the hierarchical all-to-all be checked."""
     p = cfg.parallel
-    for key, what in NOT_YET.items():
-        if getattr(p, key) > 1:
-            raise ConfigError(f"parallel.{key} = {getattr(p, key)}: {what} is not available yet in "
-                              f"this version; set parallel.{key} = 1")
     if cfg.diloco.enabled:
         raise ConfigError("diloco.enabled = true: DiLoCo is not available yet in this version; set it to false")
-    if cfg.model.moe_experts:
-        raise ConfigError(f"model.moe_experts = {cfg.model.moe_experts}: mixture-of-experts layers are not "
-                          "available yet in this version; set model.moe_experts = 0")
     dims = ParallelDims.resolve(world_size, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard,
                                 tp=p.tp, pp=p.pp, ep=p.ep, diloco=cfg.diloco.replicas)
+    check_moe(cfg, dims, local_world_size)
     if dims.tp > 1:  # the vocabulary is checked once the tokenizer is known
         a = ModelArgs.from_config(cfg.model, cfg.data.seq_len, tokenizer_vocab=1)
         check_tp_shapes(dims.tp, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, ffn_dim=a.ffn_dim,
@@ -120,11 +114,12 @@ class Trainer:
             init_distributed(self.env, self.device)
         self.recorder = get_recorder()
         self.rank = dist.get_rank()
-        self.dims = parallel_dims(cfg, dist.get_world_size())
+        self.dims = parallel_dims(cfg, dist.get_world_size(), self.env.local_world_size)
         self.mesh, self.dp_mesh = self.dims.build_mesh(self.device.type)
         name_mesh_groups(self.mesh)
         kernels.set_default_backend(cfg.kernels.backend)
         self.run_dir = cfg.run_dir
+        self.c4 = None  # the C4 monitor while fit() runs (dist_train/c4.py)
         self._setup_data()
         self._setup_model()
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, log=self.log)
@@ -155,6 +150,10 @@ class Trainer:
                                param_dtype=self.dtype if self.dtype != torch.float32 else None,
                                n_micro=self.sampler.num_micro_batches)
         self.model = self.par.view
+        # scaled like the loss: by 1 / micro-batches here, or by the pipeline schedule after backward
+        pipelined = self.par.schedule is not None
+        moe.set_aux_grad_scale(self.par.parts, 1.0 if pipelined else 1.0 / self.sampler.num_micro_batches,
+                               pipelined=pipelined)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
         # A one-rank job has no FSDP to cast for it: autocast gives it the same mixed precision.
         self.autocast = (torch.autocast(self.device.type, dtype=self.dtype)
@@ -175,7 +174,7 @@ class Trainer:
     def save(self, step: int) -> None:
         state = {"sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "layout": self.dims.describe(), "world_size": self.dims.world_size}
-        with self.recorder.paused():
+        with self.recorder.paused(), (self.c4.busy("checkpoint") if self.c4 else nullcontext()):
             path = self.checkpointer.save(step, self.model, self.optimizer, state)
         self.log(f"saved {path}")
 
@@ -228,6 +227,10 @@ class Trainer:
         for kind in COMM_KINDS:
             local += [comm.get(kind, {}).get("count", 0), comm.get(kind, {}).get("bytes", 0)]
         first = len(local) - 2 * len(COMM_KINDS)
+        moe_ids = self.args.moe_layer_ids()
+        if moe_ids:
+            local += moe.stats_vector(self.par.parts, moe_ids, self.args.moe_experts,
+                                      self.par.ep_topology.stats.take() if self.par.ep_topology else {})
         mine = torch.tensor(local, dtype=torch.float64)
         rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         with self.recorder.paused():
@@ -250,6 +253,10 @@ class Trainer:
                             "bytes": int(table[:, first + 1 + 2 * i].sum())}
                      for i, kind in enumerate(COMM_KINDS)},
         }
+        if moe_ids:
+            micro_batches = self.sampler.global_batch // self.sampler.micro_batch  # over all dp ranks
+            record["moe"] = moe.stats_record(table[:, first + 2 * len(COMM_KINDS):].sum(0), moe_ids,
+                                             self.args.moe_experts, micro_batches)
         return record
 
     def _idle_s(self, step_time: float) -> float:
@@ -278,13 +285,19 @@ class Trainer:
                      f"{count_params(self.args)['total'] / 1e6:.2f}M parameters, steps {start}..{cfg.train.steps}")
         progress = _progress(cfg, start) if self.rank == 0 else None
         self.recorder.step_summary(reset=True)  # start-up collectives are not a step's
+        self.c4 = c4 = start_monitor(cfg, self.env, self.recorder, self.device, self.log)  # None when off
         try:
             for step in range(start + 1, cfg.train.steps + 1):
                 t0 = time.perf_counter()
+                if c4:
+                    c4.step_begin(step)
                 loss, grad_norm = self.train_step()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 record = self._step_record(step, loss, grad_norm, time.perf_counter() - t0)
+                if c4:
+                    c4.step_end(step, time.perf_counter() - t0)
+                    record["c4_findings"] = c4.findings_count
                 if writer is not None and (step % cfg.metrics.log_every == 0 or step == cfg.train.steps):
                     writer.write(record)
                 if progress is not None:
@@ -294,6 +307,8 @@ class Trainer:
                 if every and (step % every == 0 or step == cfg.train.steps):
                     self.save(step)
         finally:
+            if c4:
+                c4.close()
             if progress is not None:
                 progress.close()
             if writer is not None:

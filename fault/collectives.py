@@ -40,6 +40,7 @@ can deadlock, so pipelining on GPU must be checked before relying on it.
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -157,6 +158,8 @@ class _ObservedWork(dist.Work):
         except BaseException as e:
             st.fail(rec, e)
             raise
+        if rec.hold_s and not rec.t_exit:  # injected slow transfer (fault hook)
+            time.sleep(rec.hold_s)
         st.end(rec)
         return ok
 

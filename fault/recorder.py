@@ -47,7 +47,7 @@ class CollectiveRecord:
     """
 
     __slots__ = ("group", "op", "kind", "seq", "nbytes", "peers",
-                 "t_enter", "t_wait", "t_exit", "counted", "error")
+                 "t_enter", "t_wait", "t_exit", "counted", "error", "hold_s")
 
     def __init__(self, group, op, kind, seq, nbytes, peers, counted):
         self.group = group
@@ -61,6 +61,7 @@ class CollectiveRecord:
         self.t_exit = 0
         self.counted = counted
         self.error = None
+        self.hold_s = 0.0  # set by a fault hook: extra seconds inside the op (a slow link)
 
     def as_dict(self) -> dict:
         """Plain dict (JSON-ready) for publishing or logging."""
@@ -75,7 +76,10 @@ class CollectiveRecord:
 # A fault hook sees each record (op, group, seq, peers are set) just before
 # the real call is issued. The record is already pending with t_enter == 0, so
 # a held op reads as "issued, not entered". Sleeping models a rank that
-# arrives late; blocking models a hang at the Nth op; raising fails the op.
+# arrives late; blocking models a hang at the Nth op; raising fails the op;
+# stamping `t_enter` and then blocking models a rank stuck inside the op;
+# setting `hold_s` keeps the op open that much longer after it completes
+# (a slow transfer, as a slow link would cause).
 FaultHook = Callable[[CollectiveRecord], None]
 
 
@@ -83,7 +87,7 @@ class GroupState:
     """What the C4 detector needs per group, updated in place on the hot path."""
 
     __slots__ = ("name", "gid", "ranks", "seq", "pending", "last_completed",
-                 "p2p_seq", "p2p_last")
+                 "p2p_seq", "p2p_last", "wait_ns", "p2p_wait_ns", "durations")
 
     def __init__(self, name, ranks):
         self.name = name  # None until resolved (mesh dim name or ranks)
@@ -94,17 +98,31 @@ class GroupState:
         self.last_completed: CollectiveRecord | None = None  # collectives only
         self.p2p_seq: dict = {}  # peer global rank -> count
         self.p2p_last: dict = {}  # peer global rank -> last completed p2p record
+        # For the C4 detector: time blocked in ops (see `end`), summed since
+        # start (collectives; p2p per peer), and the last durations of collectives.
+        # Summed per step they show who waits for whom; the ring gives the
+        # group's own recent timing that hang thresholds are relative to.
+        self.wait_ns = 0
+        self.p2p_wait_ns: dict = {}  # peer global rank -> ns
+        self.durations: collections.deque = collections.deque(maxlen=64)  # ns
 
     def end(self, rec: CollectiveRecord) -> None:
         """Stamp exit once; move the record from pending to last completed."""
         if rec.t_exit:
             return
-        rec.t_exit = _now()
+        rec.t_exit = t = _now()
         self.pending.pop(rec, None)
+        # time blocked: from entering (or from the caller's wait(), for async work waited
+        # later) to exit, so compute overlapped with an async op does not count as waiting
+        d = t - max(rec.t_enter, rec.t_wait) if rec.t_enter else 0
         if rec.kind == "send_recv":
-            self.p2p_last[rec.peers[0] if rec.op.startswith("recv") else rec.peers[1]] = rec
+            peer = rec.peers[0] if rec.op.startswith("recv") else rec.peers[1]
+            self.p2p_last[peer] = rec
+            self.p2p_wait_ns[peer] = self.p2p_wait_ns.get(peer, 0) + d
         else:
             self.last_completed = rec
+            self.wait_ns += d
+            self.durations.append(d)
 
     def fail(self, rec: CollectiveRecord, exc: BaseException) -> None:
         """An op raised (timeout, peer gone, injected fault): close it with the error."""
@@ -196,6 +214,11 @@ class CollectiveRecorder:
         for st in list(self._groups):
             out.extend(st.pending.copy())
         return out
+
+    def groups(self) -> list[GroupState]:
+        """The live per-group states (groups that ran an op), for the C4 publisher;
+        read their fields, do not change them."""
+        return [st for st in list(self._groups) if st.name is not None]
 
     def group_states(self) -> dict:
         """Snapshot keyed by torch's group name (same on every member; labels

@@ -53,7 +53,8 @@ class ParallelDims:
                 f"{self.dp_shard} x {self.tp} = {product}, but the job has {self.world_size} ranks; "
                 "set parallel.dp_shard = -1 to fill the rest, or launch that many ranks")
         if (self.dp_shard * self.tp) % self.ep:
-            raise MeshError(f"parallel.ep = {self.ep} must divide dp_shard x tp = {self.dp_shard * self.tp}")
+            raise MeshError(f"parallel.ep = {self.ep} must divide dp_shard x tp = {self.dp_shard * self.tp} "
+                            "(expert parallelism borrows those ranks); choose ep dividing it")
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -76,4 +77,5 @@ class ParallelDims:
         return mesh, mesh["dp_replicate", "dp_shard"]._flatten("dp")
 
     def describe(self) -> str:
-        return " x ".join(f"{n}={s}" for n, s in zip(MESH_DIMS, self.shape) if s > 1) or "single process"
+        text = " x ".join(f"{n}={s}" for n, s in zip(MESH_DIMS, self.shape) if s > 1) or "single process"
+        return text + (f" (ep={self.ep})" if self.ep > 1 else "")

@@ -11,6 +11,12 @@ vocabulary, and the head + loss run vocab-parallel: each rank multiplies the ful
 all-reduced over tp (`kernels.vocab_parallel_linear_cross_entropy`), so the full logits
 never sit on one rank.
 
+MoE blocks (a `feed_forward` with a `router`) keep their tokens sequence-sharded: each tp
+rank routes its own slice and expert parallelism (which may borrow tp's ranks) moves the
+rows; the router weight is replicated over tp (a DTensor, so its gradient sums every
+slice's), the optional shared expert is a column/row-parallel MLP like the dense one, and
+the layer's `token_group` is the tp group (its aux losses count the whole micro-batch).
+
 The plan names submodules the way a Llama-style model does (`tok_embeddings`, `layers`,
 `attention.wq`, `feed_forward.w1`, `norm`, `output`); it is handed the module and the
 tp mesh and imports no model class.
@@ -64,6 +70,27 @@ def vocab_parallel_loss(tp_mesh):
     return loss_fn
 
 
+def _mlp_plan(prefix: str) -> dict:
+    """A SwiGLU MLP: gathered sequence in, column- then row-parallel, sequence-sharded out."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
+
+    return {prefix: PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            f"{prefix}.w1": ColwiseParallel(), f"{prefix}.w3": ColwiseParallel(),
+            f"{prefix}.w2": RowwiseParallel(output_layouts=Shard(1))}
+
+
+def _moe_plan(ff) -> dict:
+    """An MoE layer takes its input as a sequence-sharded DTensor (see module docstring)."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import PrepareModuleInput
+
+    plan = {"feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),))}
+    if getattr(ff, "shared_expert", None) is not None:
+        plan.update(_mlp_plan("feed_forward.shared_expert"))
+    return plan
+
+
 def apply_tp(model: nn.Module, tp_mesh) -> nn.Module:
     """Parallelise a Llama-style model (or one pipeline stage of it) over `tp_mesh` in
     place, before FSDP wraps it. Parts a pipeline stage lacks (None) are skipped."""
@@ -81,6 +108,7 @@ def apply_tp(model: nn.Module, tp_mesh) -> nn.Module:
     if top:
         parallelize_module(model, tp_mesh, top)
     for block in model.layers.values():
+        ff = block.feed_forward
         parallelize_module(block, tp_mesh, {
             "attention_norm": SequenceParallel(),
             "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
@@ -90,11 +118,11 @@ def apply_tp(model: nn.Module, tp_mesh) -> nn.Module:
             "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
             "ffn_norm": SequenceParallel(),
-            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            **(_moe_plan(ff) if hasattr(ff, "router") else _mlp_plan("feed_forward")),
         })
+        if hasattr(ff, "router"):
+            distribute_module(ff.router, tp_mesh)  # weight replicated over tp
+            ff.token_group = tp_mesh.get_group()
     loss_fn = vocab_parallel_loss(tp_mesh)
     model.loss_fn = loss_fn  # the tied head's
     head = getattr(model, "output", None)

@@ -45,13 +45,14 @@ def tiny_overrides(run_dir: Path, name: str, steps: int, **extra) -> list[str]:
 
 
 def sweep(root: Path, nproc: int, runs: dict[str, dict], common: dict | None = None,
-          timeout: float = 900) -> subprocess.CompletedProcess:
+          timeout: float = 900, config: str = "configs/tiny.toml", nodes: int = 1) -> subprocess.CompletedProcess:
     """One `dist-train local --nproc N --runs` launch running each named run in turn under
     root/ (a launch costs ~10 s of start-up on 2 cores; the runs share it). A run's
-    overrides may set run.name to continue an earlier run's directory."""
+    overrides may set run.name to continue an earlier run's directory. `nodes` simulated
+    nodes share the ranks (LOCAL_WORLD_SIZE = nproc / nodes)."""
     base = {"run.dir": str(root), "metrics.progress": "false", "metrics.report": "false", **(common or {})}
     entries = [[f"{k}={v}" for k, v in {**base, "run.name": name.strip(), **sets}.items()]
                for name, sets in runs.items()]
-    spec = root / f"runs-{nproc}-{abs(hash(tuple(runs)))}.json"
+    spec = root / f"runs-{nproc}-{nodes}-{abs(hash(tuple(runs)))}.json"
     spec.write_text(json.dumps(entries))
-    return run_cli("local", "--nproc", str(nproc), "configs/tiny.toml", "--runs", str(spec), timeout=timeout)
+    return run_cli("local", "--nproc", str(nproc), "--nodes", str(nodes), config, "--runs", str(spec), timeout=timeout)

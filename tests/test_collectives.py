@@ -222,6 +222,64 @@ def _overhead(rank, rec, C, out):
     out["allreduce_raw_ns"] = min(raw)
 
 
+def _c4_fields(rank, rec, C, out, outdir):
+    """What the C4 detector reads: per-group wait sums match the records, a held op
+    (slow link) lasts its hold, and the publisher thread keeps publishing while the
+    training thread is blocked in a gloo collective."""
+    import threading
+
+    import torch.distributed as dist
+    from dist_train.fault.detector import C4Settings, key
+    from dist_train.fault.publisher import Monitor
+
+    dist.barrier()
+    done = [r for r in rec.records() if r.t_exit and r.t_enter]
+    out["wait_ns_groups"] = sum(st.wait_ns for st in rec.groups())
+    blocked = lambda r: r.t_exit - max(r.t_enter, r.t_wait)  # noqa: E731
+    out["wait_ns_records"] = sum(blocked(r) for r in done if r.kind != "send_recv")
+    out["p2p_wait_ns_groups"] = sum(sum(st.p2p_wait_ns.values()) for st in rec.groups())
+    out["p2p_wait_ns_records"] = sum(blocked(r) for r in done if r.kind == "send_recv")
+
+    def hold(r):
+        r.hold_s = 0.15
+
+    rec.hooks.append(hold)
+    dist.all_reduce(torch.ones(2))
+    rec.hooks.remove(hold)
+    r = rec.records()[-1]
+    out["held_s"] = (r.t_exit - r.t_enter) / 1e9
+
+    store = dist.HashStore()
+    mon = Monitor(rec, store, rank=rank, world=WORLD, attempt=0, run_dir=os.path.join(outdir, "run"),
+                  settings=C4Settings(interval_s=0.05), log=lambda m: None)
+    seen = []
+    stop = threading.Event()
+
+    def reader():  # what the detector would read, every 20 ms
+        k = key("a0", f"r{rank}")
+        while not stop.wait(0.02):
+            if store.check([k]):
+                s = json.loads(store.get(k))
+                world = next(g for g in s["g"].values() if len(g["ranks"]) == WORLD)
+                seen.append((s["hb"], world["p"]))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    dist.barrier()
+    if rank == 1:
+        time.sleep(1.0)  # rank 0 sits blocked in the all-reduce meanwhile
+    t0 = time.monotonic()
+    dist.all_reduce(torch.ones(2))
+    out["blocked_s"] = time.monotonic() - t0
+    time.sleep(0.1)
+    stop.set()
+    t.join()
+    mon.close()
+    waiting = [p for _, p in seen if p and p[2] and p[3]]
+    out["published_hbs"] = len({hb for hb, _ in seen})
+    out["max_published_wait_s"] = max((p[4] for p in waiting), default=0.0)
+
+
 def _worker(rank, port, outdir):
     os.environ["TORCH_FR_BUFFER_SIZE"] = "2000"
     torch.set_num_threads(1)
@@ -244,6 +302,7 @@ def _worker(rank, port, outdir):
     dist.barrier()
     C.monitored_barrier(wait_all_ranks=True)
     _overhead(rank, rec, C, out)
+    _c4_fields(rank, rec, C, out, outdir)
     out["group_states"] = {k: {"name": v["name"], "seq": v["seq"], "pending": len(v["pending"])}
                            for k, v in rec.group_states().items()}
     dist.destroy_process_group()
@@ -376,6 +435,19 @@ def test_group_states_agree_and_nothing_pending(results):
     world = [next(v for v in st.values() if v["name"] == "tp") for st in states]
     assert world[0] == world[1] and world[0]["seq"] > 10
     assert sorted(v["name"] for v in states[0].values()) == ["cp", "tp"]
+
+
+def test_c4_wait_sums_hold_and_publisher_while_blocked(results):
+    for res in results:
+        assert res["wait_ns_groups"] == res["wait_ns_records"] > 0
+        assert res["p2p_wait_ns_groups"] == res["p2p_wait_ns_records"] > 0
+        assert res["held_s"] >= 0.15
+    blocked = results[0]
+    assert blocked["blocked_s"] >= 0.8
+    # the side thread published ~every 50 ms while the training thread sat in the all-reduce,
+    # and its state showed the op entered, waited on, for most of that second
+    assert blocked["published_hbs"] >= 8
+    assert blocked["max_published_wait_s"] >= 0.6
 
 
 class _DoneWork:

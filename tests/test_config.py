@@ -26,7 +26,7 @@ def test_preset_fills_unset_fields_and_explicit_fields_win():
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path):
-    cfg = load_config(None, ["train.steps=3", "fault.inject=['delay:rank=1']"])
+    cfg = load_config(None, ["train.steps=3", "fault.inject=['delay:rank=1,ms=50']"])
     path = tmp_path / "c.toml"
     path.write_text(cfg.to_toml())
     assert load_config(path).to_dict() == cfg.to_dict()
@@ -77,7 +77,9 @@ BAD_LAYOUTS = [
     (["parallel.dp_shard=3"], 4, "= 3, but the job has 4 ranks"),
     (["parallel.dp_replicate=3"], 4, "world size 4 is not divisible by diloco x pp x dp_replicate x tp = 3"),
     (["train.global_batch=6", "train.micro_batch=2"], 4, "must be divisible by dp x micro_batch = 4 x 2 = 8"),
-    (["parallel.ep=2"], 4, "parallel.ep = 2: expert parallelism is not available yet"),
+    (["parallel.ep=2"], 4, "parallel.ep = 2 needs mixture-of-experts layers: set model.moe_experts"),
+    (["parallel.ep=4", "model.moe_experts=6"], 4, "model.moe_experts = 6 is not divisible by parallel.ep = 4"),
+    (["parallel.ep=3", "model.moe_experts=6"], 4, "parallel.ep = 3 must divide dp_shard x tp = 4"),
     (["parallel.tp=4"], 4, "parallel.tp = 4 must divide model.n_kv_heads = 2"),
     (["parallel.tp=2", "model.ffn_dim=99"], 4, "parallel.tp = 2 must divide model.ffn_dim = 99"),
     (["parallel.pp=3"], 3, "model.n_layers = 4 cannot be split for parallel.pp = 3"),

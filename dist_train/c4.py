@@ -1,0 +1,74 @@
+"""Glue between the trainer and `dist_train.fault`: build a rank's C4 monitor from the config.
+
+Kept out of trainer.py so the trainer only calls `step_begin`/`step_end`/`busy`/`close`;
+with `[c4] enabled = false` and no `[fault]` injections nothing is built and a step
+costs nothing extra.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from datetime import timedelta
+
+from .config import Config
+
+# Set by `dist-train local` / `drill` for their workers: the launcher runs the detector.
+DETECTOR_ENV = "DIST_TRAIN_C4_DETECTOR"
+STORE_ENV = "DIST_TRAIN_C4_STORE"  # host:port of the store C4 state goes to (set by the launcher)
+
+
+def settings_of(cfg: Config):
+    from dist_train.fault.detector import C4Settings
+
+    return C4Settings.from_dict({k: v for k, v in dataclasses.asdict(cfg.c4).items() if k != "enabled"})
+
+
+def start_monitor(cfg: Config, env, recorder, device, log):
+    """The rank's Monitor, or None when C4 is off and nothing is injected (or one rank)."""
+    if not (cfg.c4.enabled or cfg.fault.inject):
+        return None
+    from dist_train.fault.publisher import Monitor
+
+    store = None
+    publish = cfg.c4.enabled and env.world_size > 1
+    if publish:
+        import torch.distributed as dist
+
+        # A store that outlives every rank: `dist-train local` names its rendezvous store
+        # (hosted by the launcher, where the detector runs); under torchrun the agent's
+        # shared store the ranks already meet through (MASTER_ADDR/PORT, agent-hosted).
+        addr, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+        if os.environ.get(STORE_ENV):
+            addr, port = os.environ[STORE_ENV].rsplit(":", 1)
+        store = dist.TCPStore(addr, int(port), is_master=False, timeout=timedelta(seconds=30))
+    elif cfg.c4.enabled and env.rank == 0:
+        log("C4: one rank, nothing to compare; monitoring off")
+    health = None
+    if publish:
+        from dist_train.fault.health import gpu_health
+
+        health = gpu_health(env.local_rank, device.type == "cuda", log if env.local_rank == 0 else (lambda m: None))
+    mode = cfg.c4.detector
+    if mode == "auto":
+        mode = "launcher" if os.environ.get(DETECTOR_ENV) == "launcher" else "ranks"
+    return Monitor(recorder, store, rank=env.rank, world=env.world_size,
+                   attempt=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), run_dir=str(cfg.run_dir),
+                   settings=settings_of(cfg), injections=cfg.fault.inject, publish=publish,
+                   detect_here=publish and mode == "ranks", health=health)
+
+
+def launcher_faults(cfgs: list[Config], nproc: int) -> tuple[bool, list]:
+    """What the launcher must do for these runs: run the detector (any run has C4 on), and
+    which SIGSTOP faults it sends itself ((run dir, Injection) pairs)."""
+    from dist_train.fault.inject import InjectError, parse_specs
+
+    from .errors import ConfigError
+
+    sigstops = []
+    for cfg in cfgs:
+        try:
+            injections = parse_specs(cfg.fault.inject, nproc)
+        except InjectError as e:
+            raise ConfigError(f"fault.inject: {e}") from None
+        sigstops += [(str(cfg.run_dir), i) for i in injections if i.kind == "sigstop"]
+    return any(cfg.c4.enabled for cfg in cfgs), sigstops

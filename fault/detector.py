@@ -1,0 +1,477 @@
+"""The C4 detector: compare the ranks' published collective state, name hung or slow ranks and links.
+
+After C4 (Dong et al., "Boosting Large-scale Parallel Training Efficiency with C4:
+A Communication-Driven Approach", Alibaba, 2024): collective communication in
+parallel training is periodic and homogeneous across ranks, so a rank or link
+that breaks the pattern points at faulty hardware. C4 tells apart a
+communication hang (every member entered a collective that never completes), a
+non-communication hang (members wait in a collective that one rank never
+entered), a slow rank and a slow link; it localises the culprit within seconds,
+then the job is stopped and restarted from a checkpoint.
+
+Inputs are the states `fault.publisher` writes (one JSON per rank, refreshed
+every ~0.2 s). Rules, every threshold relative to the job's own timing:
+- waiting: a rank is blocked in an op (entered, inside `wait()`) for longer than
+  T = max(hang_min_s, hang_factor x the group's recent p90 op duration,
+  hang_steps x the median step time; startup_s until every rank has finished the
+  run's first step). Each blocked rank waits for the members
+  that did not enter that op (collective: same group sequence number; p2p: the
+  matching op on the peer). The ranks waited on that wait for nobody are the
+  culprits of a non_comm_hang; with no one missing it is a hang, named by the
+  members that entered but never reached `wait()` (stuck inside the call) or,
+  failing that, the whole group. A member whose heartbeat is stale (a stopped
+  or dead process) is named as a non_comm_hang in either case.
+- slow_rank: over the last `slow_window` steps, per group, the rank that waits
+  least (arrives last) is the same one in >= slow_consistency of the steps, the
+  others wait for it by >= slow_ratio of the step time, and it does not itself
+  wait much anywhere (so ranks that are late only because they waited on the
+  slow one elsewhere are not named: over all its groups it must wait less than
+  its peers by at least half that gap).
+- slow_link: among sibling groups (same mesh dim and collectives per step), a
+  two-rank group whose ops take link_factor x longer after both arrived (the
+  per-step minimum wait over its members) than its siblings', by >= link_ratio
+  of the step time.
+
+Where it runs (a detector must not live on one rank that could itself hang):
+in the launcher process for `dist-train local` and drills (it hosts the store
+already and survives every rank; it can also see a process exit and SIGKILL a
+stopped one); under plain torchrun in every rank's side thread, where only the
+lowest rank with a fresh heartbeat writes, so any one rank may hang or stop.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+C4_EXIT_CODE = 75  # ranks told to stop by the detector exit with this code
+PREFIX = "c4"
+
+
+@dataclass
+class C4Settings:
+    """Detector thresholds (the `[c4]` config section passes these through)."""
+    interval_s: float = 0.2
+    stale_s: float = 1.5
+    hang_min_s: float = 1.5
+    hang_factor: float = 10.0
+    hang_steps: float = 3.0
+    startup_s: float = 30.0
+    slow_window: int = 5
+    slow_consistency: float = 0.8
+    slow_ratio: float = 0.3
+    link_factor: float = 2.0
+    link_ratio: float = 0.1
+    warmup_steps: int = 2
+    act: bool = True
+    detector: str = "auto"
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "C4Settings":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (d or {}).items() if k in names})
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def key(*parts) -> str:
+    return "/".join((PREFIX,) + tuple(str(p) for p in parts))
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def _group_threshold(states: dict, gid: str, st: C4Settings) -> float:
+    d90 = max((s["g"][gid].get("d90", 0.0) for s in states.values() if gid in s["g"]), default=0.0)
+    step = statistics.median([s.get("step_s", 0.0) for s in states.values()] or [0.0])
+    T = max(st.hang_min_s, st.hang_factor * d90, st.hang_steps * step)
+    if any(not s.get("st") for s in states.values()):  # a run's first step: no timing yet,
+        T = max(T, st.startup_s)  # and lazy initialisation makes ranks arrive far apart
+    return T
+
+
+def _entered(s: dict, gid: str, seq: int) -> bool:
+    g = s["g"].get(gid)
+    if g is None:
+        return False
+    if g["done"] >= seq:
+        return True
+    p = g.get("p")
+    return bool(p and p[0] == seq and p[2])
+
+
+def _entered_p2p(s: dict, gid: str, peer: int, seq: int) -> bool:
+    g = s["g"].get(gid)
+    q = (g or {}).get("pp", {}).get(str(peer))
+    if q is None:
+        return False
+    if q[0] >= seq:
+        return True
+    p = q[1]
+    return bool(p and p[0] == seq and p[2])
+
+
+def find_hangs(states: dict, stale: dict, st: C4Settings) -> dict | None:
+    """One hang finding (dict without time fields) or None. `states`: rank -> state
+    with ages already advanced to now; `stale`: rank -> seconds since its heartbeat moved."""
+    blocked = []  # (rank, gid, name, what, seq, waited_s, missing)
+    for r, s in states.items():
+        for gid, g in s["g"].items():
+            T = _group_threshold(states, gid, st)
+            p = g.get("p")
+            if p and p[2] and p[3] and p[4] > T:
+                members = g["ranks"]
+                missing = [m for m in members if m != r and m in states and not _entered(states[m], gid, p[0])]
+                blocked.append((r, gid, g["n"], p[1], p[0], p[4], missing, members))
+            for peer, q in g.get("pp", {}).items():
+                p = q[1]
+                if p and p[2] and p[3] and p[4] > T:
+                    peer = int(peer)
+                    missing = [] if peer not in states or _entered_p2p(states[peer], gid, r, p[0]) else [peer]
+                    blocked.append((r, gid, g["n"], p[1], p[0], p[4], missing, [r, peer]))
+    if not blocked:
+        return None
+    waiters = {b[0] for b in blocked}
+    waited_on = {m for b in blocked for m in b[6]}
+    dead = sorted(r for r, age in stale.items() if age > st.stale_s and (r in waited_on or any(
+        r in b[7] for b in blocked)))
+    sinks = sorted(waited_on - waiters)
+    evidence = {"waiting": {str(b[0]): {"group": b[2], "op": b[3], "seq": b[4], "waited_s": round(b[5], 2),
+                                        "not_entered": b[6]} for b in blocked}}
+    onset = max(b[5] for b in blocked)
+    if dead:
+        evidence["heartbeat_stale_s"] = {str(r): round(stale[r], 2) for r in dead}
+        return {"kind": "non_comm_hang", "ranks": dead, "evidence": evidence, "group": blocked[0][2],
+                "since_onset_s": max(onset, max(stale[r] for r in dead)),
+                "why": "process not responding (heartbeat stale) while its peers wait for it"}
+    if sinks:
+        evidence["culprit_state"] = {str(r): _describe(states[r]) for r in sinks}
+        return {"kind": "non_comm_hang", "ranks": sinks, "evidence": evidence, "group": blocked[0][2],
+                "since_onset_s": onset, "why": "peers wait in a collective this rank never entered"}
+    full = [b for b in blocked if not b[6]]
+    if full:
+        b = max(full, key=lambda b: b[5])
+        gid, seq, members = b[1], b[4], b[7]
+        inside = sorted(m for m in members if m in states and _stuck_inside(states[m], gid, seq, b[0]))
+        evidence["entered"] = members
+        evidence["stuck_inside_call"] = inside
+        return {"kind": "hang", "ranks": inside or sorted(members), "evidence": evidence, "group": b[2],
+                "since_onset_s": onset,
+                "why": "every member entered the collective and it does not complete"}
+    return {"kind": "hang", "ranks": sorted(waiters), "evidence": evidence, "group": blocked[0][2],
+            "since_onset_s": onset, "why": "ranks wait for each other in different collectives (a cycle)"}
+
+
+def _stuck_inside(s: dict, gid: str, seq: int, peer_of_p2p: int) -> bool:
+    """Entered the op but never reached wait(): stuck inside the call itself."""
+    g = s["g"].get(gid, {})
+    p = g.get("p")
+    if p and p[0] == seq and p[2] and not p[3]:
+        return True
+    q = g.get("pp", {}).get(str(peer_of_p2p))
+    return bool(q and q[1] and q[1][2] and not q[1][3])
+
+
+def _describe(s: dict) -> dict:
+    out = {"step": s.get("step"), "phase": s.get("phase")}
+    for gid, g in s["g"].items():
+        p = g.get("p")
+        if p and not p[2]:
+            out["held_before"] = f"{g['n']}#{p[0]} {p[1]} for {p[4]:.2f}s"
+    if "held_before" not in out:
+        out["doing"] = "outside any collective (compute or host code)"
+    return out
+
+
+def find_slow(states: dict, st: C4Settings) -> list[dict]:
+    """slow_rank and slow_link findings from the per-step waits of the last window."""
+    W = st.slow_window
+    gids = sorted({gid for s in states.values() for gid in s["g"]})
+    step_time = {r: {e[0]: e for e in s.get("st", [])} for r, s in states.items()}
+    ranks_out, links, transfer = {}, [], {}
+    for gid in gids:
+        members = next(s["g"][gid]["ranks"] for s in states.values() if gid in s["g"])
+        if len(members) < 2 or any(m not in states or gid not in states[m]["g"] for m in members):
+            continue
+        w = {m: {int(e[0]): e[1] for e in states[m]["g"][gid].get("w", [])} for m in members}
+        nops = statistics.median([e[2] for e in states[members[0]]["g"][gid].get("w", []) if len(e) > 2] or [0])
+        start = max(states[m].get("start", 0) for m in members) + st.warmup_steps
+        common = sorted(set.intersection(*(set(v) for v in w.values())))
+        window = [x for x in common if x > start][-W:]
+        if len(window) < W:
+            continue
+        name = states[members[0]]["g"][gid]["n"]
+        last = [min(members, key=lambda m: w[m][x]) for x in window]
+        mins = [w[last[i]][x] for i, x in enumerate(window)]
+        transfer[gid] = ((name, nops), members, statistics.median(mins), window)
+        for R in set(last):
+            idx = [i for i, m in enumerate(last) if m == R]
+            if len(idx) < math.ceil(st.slow_consistency * W):
+                continue
+            ex = [statistics.median([w[m][window[i]] for m in members if m != R]) - w[R][window[i]] for i in idx]
+            idx = [i for i in idx if all(window[i] in step_time[m] for m in members)]
+            if not idx:
+                continue
+            times = [step_time[R][window[i]] for i in idx]
+            step_s = statistics.median(e[1] for e in times)
+            own_wait = statistics.median(e[3] for e in times)
+            # in all its groups together it waits less than its peers do, by most of the gap
+            # (a rank late only because it waited for the slow one elsewhere does not)
+            lead = statistics.median(statistics.median([step_time[m][window[i]][3] for m in members if m != R])
+                                     - step_time[R][window[i]][3] for i in idx)
+            exm = statistics.median(ex)
+            if exm >= st.slow_ratio * step_s and lead >= 0.5 * exm:
+                f = ranks_out.setdefault(R, {"kind": "slow_rank", "ranks": [R], "group": name, "evidence": {
+                    "groups": {}, "arrived_last": f"{len(idx)}/{W} steps", "step_s": round(step_s, 4),
+                    "own_wait_s": round(own_wait, 4)}, "window": window, "onset_wall": times[0][2] - step_s,
+                    "step": window[-1], "why": "its peers consistently wait for it to enter their collectives"})
+                f["evidence"]["groups"][name] = {"peers_wait_s": round(exm, 4), "members": members}
+    # siblings: same mesh dim and the same collectives per step (homogeneous work)
+    by_name: dict = {}
+    for gid, (sib_key, members, tr, window) in transfer.items():
+        by_name.setdefault(sib_key, []).append((gid, members, tr, window))
+    for (name, _), sib in by_name.items():
+        if len(sib) < 2:
+            continue
+        for gid, members, tr, window in sib:
+            if len(members) != 2:
+                continue
+            others = statistics.median([t for g2, _, t, _ in sib if g2 != gid])
+            step_s = statistics.median([step_time[m][x][1] for m in members for x in window if x in step_time[m]])
+            if tr >= st.link_factor * max(others, 1e-6) and tr - others >= st.link_ratio * step_s:
+                t0 = [step_time[members[0]][x][2] for x in window if x in step_time[members[0]]]
+                links.append({"kind": "slow_link", "ranks": sorted(members), "group": name, "evidence": {
+                    "op_time_after_both_entered_s": round(tr, 4), "sibling_groups_s": round(others, 4),
+                    "step_s": round(step_s, 4)}, "window": window, "step": window[-1],
+                    "onset_wall": (t0[0] - step_s) if t0 else None,
+                    "why": "ops between this pair are consistently slow while sibling groups are normal"})
+    in_links = {r for f in links for r in f["ranks"]}
+    return links + [f for r, f in sorted(ranks_out.items()) if r not in in_links]
+
+
+# ----------------------------------------------------------------------------- watcher
+
+
+class Watcher:
+    """Reads every rank's state from the store, runs the rules, writes findings, acts.
+
+    `writer_rank`: None in the launcher (always writes); a rank number when it
+    runs in a rank's side thread (writes only if it is the lowest fresh rank).
+    `kill_local`: SIGKILL a hung culprit's process if it runs on this host.
+    """
+
+    def __init__(self, store, world: int, writer_rank: int | None = None, kill_local: bool = True,
+                 log: Callable[[str], None] | None = None, sigstops: list | None = None):
+        self.store, self.world, self.writer_rank = store, world, writer_rank
+        self.kill_local = kill_local
+        self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        self.host = socket.gethostname()
+        self.attempt = -1
+        self.sigstops = list(sigstops or [])  # (run_dir or None, Injection): sent from here
+        self._reset()
+        self.pids: dict = {}  # pid -> (attempt, rank, run) of every rank seen
+        self._lock = threading.Lock()
+        self.findings: list[dict] = []
+
+    def _reset(self) -> None:
+        self.hb: dict = {}  # rank -> (hb, first seen monotonic)
+        self.reported: set = set()
+        self.acted = False
+        self.states: dict = {}
+
+    # --- reading ----------------------------------------------------------
+    def _read(self) -> dict:
+        try:
+            if not self.store.check([key("attempt")]):
+                return {}
+            attempt = int(self.store.get(key("attempt")))
+        except Exception:
+            return {}
+        if attempt != self.attempt:
+            self.attempt = attempt
+            self._reset()
+        keys = [key(f"a{attempt}", f"r{r}") for r in range(self.world)]
+        if self.store.check(keys):
+            raw = self.store.multi_get(keys)
+        else:
+            raw = [self.store.get(k) if self.store.check([k]) else None for k in keys]
+        return {r: json.loads(v) for r, v in enumerate(raw) if v}
+
+    def poll(self) -> list[dict]:
+        """One round: read, detect, write and act; returns new findings."""
+        now, wall = time.monotonic(), time.time()
+        states = self._read()
+        if not states:
+            return []
+        stale = {}
+        for r, s in states.items():
+            hb = (s["hb"], s["pid"])
+            old = self.hb.get(r)
+            if old is None or old[0] != hb:
+                self.hb[r] = old = (hb, now)
+            stale[r] = now - old[1]
+            self.pids[s["pid"]] = (self.attempt, r, s.get("run"))
+            _advance(s, stale[r])
+        self.states = states
+        self._sigstop(states)
+        new = []
+        for s in states.values():
+            for ev in s.get("health", []):
+                new += self._emit({"kind": ev.pop("kind"), "ranks": [s["r"]], "group": None, "evidence": ev,
+                                   "since_onset_s": 0.0, "run": s.get("run")}, states, wall,
+                                  dedupe=("health", s["r"], ev.get("id")))
+        if self.acted or len(states) < self.world or any(s.get("phase") == "done" for s in states.values()):
+            return new
+        st = C4Settings.from_dict(states[min(states)].get("cfg"))
+        if all(age > st.stale_s for age in stale.values()):
+            return new  # the whole attempt is gone (the launcher is restarting it): nothing to compare
+        runs = {s.get("run") for s in states.values()}
+        if len(runs) != 1:
+            return new
+        if not self._i_write(states, stale, st):
+            return new
+        # A rank busy on purpose (writing a checkpoint) keeps its peers waiting legitimately:
+        # not a culprit while its heartbeat is fresh (one that stopped is not busy, whatever
+        # it last said). Slow-rank windows skip such phases too.
+        busy = {r for r, s in states.items() if s.get("phase") != "train" and stale[r] <= st.stale_s}
+        hang = find_hangs(states, stale, st)
+        if hang is not None and busy & set(hang["ranks"]):
+            hang = None
+        elif hang is not None:
+            found = self._emit(hang, states, wall, dedupe=(hang["kind"], tuple(hang["ranks"])))
+            new += found
+            if st.act and found:
+                self._act(hang, states)
+            return new
+        if dump := os.environ.get("DIST_TRAIN_C4_DUMP"):  # debugging aid: every state read
+            with open(dump, "a") as fh:
+                fh.write(json.dumps({"t": wall, "stale": stale, "states": states}) + "\n")
+        if busy:
+            return new
+        for f in find_slow(states, st):
+            onset = f.pop("onset_wall", None)
+            f["since_onset_s"] = round(wall - onset, 2) if onset else None
+            f.pop("window", None)
+            new += self._emit(f, states, wall, dedupe=(f["kind"], tuple(f["ranks"]), runs.copy().pop()))
+        return new
+
+    def _i_write(self, states, stale, st) -> bool:
+        if self.writer_rank is None:
+            return True
+        fresh = [r for r in states if stale[r] <= st.stale_s]
+        return bool(fresh) and min(fresh) == self.writer_rank
+
+    def _emit(self, f: dict, states: dict, wall: float, dedupe) -> list[dict]:
+        if dedupe is not None:
+            if dedupe in self.reported:
+                return []
+            self.reported.add(dedupe)
+            if self.writer_rank is not None:  # several ranks may detect: the store decides
+                if self.store.add(key(f"a{self.attempt}", "f", "-".join(map(str, dedupe))), 1) != 1:
+                    return []
+        first = states.get(f["ranks"][0]) if f["ranks"] else None
+        run = f.pop("run", None) or (first or next(iter(states.values()))).get("run")
+        step = f.pop("step", None)
+        if step is None:
+            step = max(s.get("step", 0) for s in states.values())
+        out = {"kind": f["kind"], "ranks": f["ranks"], "host": (first or {}).get("host"),
+               "group": f.get("group"), "step": step, "attempt": self.attempt,
+               "since_onset_s": round(f["since_onset_s"], 2) if f.get("since_onset_s") is not None else None,
+               "time": wall, "why": f.get("why"), "evidence": f.get("evidence")}
+        if first is not None:
+            out["pids"] = [states[r]["pid"] for r in f["ranks"] if r in states]
+        with self._lock:
+            self.findings.append(out)
+        if run:
+            d = Path(run) / "c4"
+            d.mkdir(parents=True, exist_ok=True)
+            with open(d / "findings.jsonl", "a") as fh:
+                fh.write(json.dumps(out) + "\n")
+            try:
+                self.store.add(key("count", run), 1)
+            except Exception:
+                pass
+        what = {"hang": "hang", "non_comm_hang": "non-communication hang", "slow_rank": "slow rank",
+                "slow_link": "slow link", "crash": "crash"}.get(out["kind"], out["kind"])
+        self.log(f"C4: {what}: rank(s) {out['ranks']} on {out['host']} (group {out['group']}, step {step}, "
+                 f"{out['since_onset_s']} s after onset): {out['why']}")
+        return [out]
+
+    def _act(self, f: dict, states: dict) -> None:
+        """Stop the job: every live rank exits (code 75) so the launcher restarts it from the
+        latest checkpoint; a culprit on this host is SIGKILLed (a stopped process cannot exit)."""
+        self.acted = True
+        msg = (f"C4 detected a {f['kind']} in group {f.get('group')}: culprit rank(s) {f['ranks']}; "
+               "stopping the job so it restarts from the latest checkpoint")
+        self.log(f"C4: {msg}")
+        try:
+            self.store.set(key(f"a{self.attempt}", "stop"), msg)
+        except Exception:
+            pass
+        if self.kill_local:
+            for r in f["ranks"]:
+                s = states.get(r)
+                if s and s.get("host") == self.host and s["pid"] != os.getpid():
+                    try:
+                        os.kill(s["pid"], signal.SIGKILL)
+                    except OSError:
+                        pass
+
+    def _sigstop(self, states: dict) -> None:
+        """Drill faults that need an outside hand: SIGSTOP a rank once it reaches a step."""
+        for item in list(self.sigstops):
+            run, inj = item
+            s = states.get(inj.rank)
+            if s is None or s.get("phase") != "train" or (run and s.get("run") != str(run)):
+                continue
+            if s.get("step", 0) >= inj.step and s.get("host") == self.host:
+                self.sigstops.remove(item)
+                os.kill(s["pid"], signal.SIGSTOP)
+                self.log(f"fault injection: SIGSTOP sent to rank {inj.rank} (pid {s['pid']}) at step {s['step']}")
+                d = Path(s["run"]) / "c4"
+                d.mkdir(parents=True, exist_ok=True)
+                with open(d / "injections.jsonl", "a") as fh:
+                    fh.write(json.dumps({"time": time.time(), "rank": inj.rank, "step": s["step"],
+                                         "spec": inj.text, "event": "fired"}) + "\n")
+
+    def note_exit(self, pid: int, exitcode) -> None:
+        """The launcher saw a worker process fail (not one this detector stopped)."""
+        info = self.pids.get(pid)
+        if info is None or self.acted or exitcode == C4_EXIT_CODE:
+            return
+        attempt, r, run = info
+        s = self.states.get(r, {})
+        self._emit({"kind": "crash", "ranks": [r], "group": None, "since_onset_s": None, "run": run,
+                    "step": s.get("step"), "evidence": {"exitcode": exitcode, "pid": pid},
+                    "why": f"the process exited with code {exitcode}"},
+                   self.states or {r: s}, time.time(), dedupe=("crash", r, attempt))
+        self.acted = True  # the agent restarts this attempt: its dying ranks are not findings
+
+    def run(self, stop: threading.Event, interval: float = 0.2) -> None:
+        while not stop.is_set():
+            try:
+                self.poll()
+            except Exception as e:  # the detector must never take the launcher down
+                self.log(f"C4: detector error (continuing): {type(e).__name__}: {e}")
+            stop.wait(interval)
+
+
+def _advance(s: dict, extra: float) -> None:
+    """Ages in a state were measured when it was published: add the time since."""
+    for g in s.get("g", {}).values():
+        p = g.get("p")
+        if p:
+            p[4] += extra
+        for q in g.get("pp", {}).values():
+            if q[1]:
+                q[1][4] += extra

@@ -1,0 +1,250 @@
+"""C4: fault specs, the detector's rules on hand-made states, the injector's hooks, and one
+drill launch (real gloo processes, 4 ranks) that runs every fault kind on rank 0 and on
+rank 3, plus a 300-step run with 20% per-rank jitter that must produce no finding."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from dist_train.c4 import settings_of
+from dist_train.config import Config, ConfigError, load_config
+from dist_train.fault.detector import C4Settings, find_hangs, find_slow
+from dist_train.fault.inject import FaultInjector, InjectError, parse_spec
+from dist_train.fault.recorder import CollectiveRecorder
+from tests.conftest import run_cli
+
+# ----------------------------------------------------------------------------- specs
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("hang:rank=2", ["needs step="]),
+    ("freeze:rank=1", ["unknown kind 'freeze'", "hang"]),
+    ("delay:rank=1,msec=5", ["no field 'msec'", "ms"]),
+    ("delay:rank=one,ms=5", ["rank='one'", "integer"]),
+    ("slow_link:ranks=1-1,ms=5", ["must differ"]),
+    ("slow_compute:rank=1,factor=0.5", ["factor must be > 1"]),
+    ("hang:rank=1,step=3,where=disk", ["where must be"]),
+    ("crash:rank=9,step=2", ["rank 9 does not exist", "0..3"]),
+])
+def test_bad_specs_name_the_field_and_the_fix(spec, words):
+    with pytest.raises(InjectError) as e:
+        parse_spec(spec, world_size=4)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_good_specs_and_config_errors():
+    i = parse_spec("slow_link:ranks=2-1,ms=80")
+    assert i.kind == "slow_link" and i.ranks == (1, 2) and i.targets == (1, 2) and i.step == 1
+    assert parse_spec("hang:rank=2,step=5").where == "comm"
+    assert load_config("configs/tiny.toml", ['fault.inject=["delay:rank=1,ms=50"]']).fault.inject
+    with pytest.raises(ConfigError, match="fault.inject: .*needs ms="):
+        load_config("configs/tiny.toml", ['fault.inject=["delay:rank=1"]'])
+    with pytest.raises(ConfigError, match="c4.slow_ratio"):
+        load_config("configs/tiny.toml", ["c4.slow_ratio=0"])
+
+
+def test_detector_defaults_are_the_config_defaults():
+    # fault/ does not import the config; the two default sets must not drift apart
+    assert settings_of(Config()) == C4Settings()
+
+
+# ----------------------------------------------------------------------------- injector
+
+
+def test_injector_hooks():
+    rec = CollectiveRecorder()
+    st = rec.add_group((0, 1, 2, 3), "dp")
+    exits = []
+    inj = FaultInjector([parse_spec(s) for s in ("delay:rank=1,ms=30,step=2", "slow_link:ranks=1-3,ms=5",
+                                                 "crash:rank=1,step=3,op=2")], rank=1, exit_fn=exits.append)
+    rec.hooks.append(inj.hook)
+    inj.on_step(1)
+    t0 = time.monotonic()
+    r = rec.begin(st, "allreduce", "all_reduce", 4)
+    assert time.monotonic() - t0 < 0.02 and r.hold_s == 0.005  # group holds both 1 and 3
+    inj.on_step(2)
+    t0 = time.monotonic()
+    rec.begin(st, "allreduce", "all_reduce", 4)
+    assert time.monotonic() - t0 >= 0.03
+    pair = rec.add_group((0, 1), "tp")
+    assert rec.begin(pair, "allreduce", "all_reduce", 4).hold_s == 0  # 3 is not in it
+    inj.on_step(3)
+    rec.begin(st, "allreduce", "all_reduce", 4)
+    assert exits == []
+    rec.begin(st, "allreduce", "all_reduce", 4)  # the 2nd op of step 3
+    assert exits == [13]
+    other = FaultInjector([parse_spec("delay:rank=1,ms=30")], rank=2)
+    assert not other  # not this rank's fault
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def _g(name, ranks, done, p=None, w=(), d90=0.002, pp=None):
+    g = {"n": name, "ranks": list(ranks), "seq": done + (1 if p else 0), "done": done, "op": "allreduce",
+         "p": p, "d50": 0.001, "d90": d90, "w": [list(x) for x in w]}
+    if pp:
+        g["pp"] = pp
+    return g
+
+
+def _s(r, groups, steps=(), step_s=0.1, phase="train"):
+    return {"r": r, "host": "h", "pid": 100 + r, "run": "/x", "hb": 1, "phase": phase, "step": 10, "start": 0,
+            "step_s": step_s, "st": [list(x) for x in (steps or [(1, step_s, 1000.0, 0.0)])], "g": groups}
+
+
+ST = C4Settings()
+
+
+def test_hang_inside_a_collective_names_the_rank_stuck_in_the_call():
+    W = [0, 1, 2, 3]
+    states = {r: _s(r, {"g0": _g("dp", W, 41, [42, "allreduce", 1, 1, 3.0])}) for r in W}
+    states[2]["g"]["g0"]["p"] = [42, "allreduce", 1, 0, 3.0]  # entered, never reached wait()
+    f = find_hangs(states, {r: 0.1 for r in W}, ST)
+    assert f["kind"] == "hang" and f["ranks"] == [2]
+    assert f["evidence"]["entered"] == W and f["since_onset_s"] == 3.0
+
+
+def test_wait_below_the_relative_threshold_is_not_a_hang():
+    W = [0, 1]
+    states = {r: _s(r, {"g0": _g("dp", W, 41, [42, "allreduce", 1, 1, 1.2])}) for r in W}
+    assert find_hangs(states, {0: 0, 1: 0}, ST) is None  # below hang_min_s
+    states = {r: _s(r, {"g0": _g("dp", W, 41, [42, "allreduce", 1, 1, 2.5], d90=0.5)}) for r in W}
+    assert find_hangs(states, {0: 0, 1: 0}, ST) is None  # 10 x the group's p90 = 5 s
+    states = {r: _s(r, {"g0": _g("dp", W, 41, [42, "allreduce", 1, 1, 2.5])}, step_s=1.0) for r in W}
+    assert find_hangs(states, {0: 0, 1: 0}, ST) is None  # 3 x the step time
+
+
+def test_first_step_of_a_run_gets_the_startup_grace():
+    W = [0, 1]
+    states = {r: _s(r, {"g0": _g("dp", W, 41, [42, "allreduce", 1, 1, 5.0])}) for r in W}
+    states[1]["g"]["g0"]["p"] = None  # rank 1 still initialising
+    assert find_hangs(states, {0: 0, 1: 0}, ST)["ranks"] == [1]
+    states[1]["st"] = []  # ...before finishing any step of this run: lazy init, not a hang yet
+    assert find_hangs(states, {0: 0, 1: 0}, ST) is None
+
+
+def test_non_comm_hang_follows_the_chain_to_the_rank_that_waits_for_nobody():
+    # tp x dp on 4 ranks: rank 1 never reaches tp#7; 0 waits for it in tp; 3 waits in
+    # dp for 1; 2 waits in tp for 3. The culprit is 1, not 3.
+    tp01, tp23, dp13, dp02 = [0, 1], [2, 3], [1, 3], [0, 2]
+    states = {
+        0: _s(0, {"a": _g("tp", tp01, 6, [7, "allreduce", 1, 1, 2.0]), "c": _g("dp", dp02, 3)}),
+        1: _s(1, {"a": _g("tp", tp01, 6), "d": _g("dp", dp13, 3)}),
+        2: _s(2, {"b": _g("tp", tp23, 6, [7, "allreduce", 1, 1, 1.9]), "c": _g("dp", dp02, 3)}),
+        3: _s(3, {"b": _g("tp", tp23, 6), "d": _g("dp", dp13, 3, [4, "allreduce", 1, 1, 1.8])}),
+    }
+    f = find_hangs(states, {r: 0.1 for r in states}, ST)
+    assert f["kind"] == "non_comm_hang" and f["ranks"] == [1]
+    assert f["evidence"]["culprit_state"]["1"]["doing"].startswith("outside")
+
+
+def test_stopped_rank_is_named_by_its_stale_heartbeat():
+    W = [0, 1, 2, 3]
+    states = {r: _s(r, {"g0": _g("dp", W, 41, [42, "allreduce", 1, 1, 2.0])}) for r in W}
+    f = find_hangs(states, {0: 0.1, 1: 0.1, 2: 2.5, 3: 0.1}, ST)  # all entered; 2 stopped inside
+    assert f["kind"] == "non_comm_hang" and f["ranks"] == [2] and "2" in f["evidence"]["heartbeat_stale_s"]
+
+
+def test_p2p_wait_names_the_sender_that_never_sent():
+    states = {0: _s(0, {"p": _g("pp", [0, 1], 0, pp={"1": [4, None]})}),
+              1: _s(1, {"p": _g("pp", [0, 1], 0, pp={"0": [4, [5, "recv", 1, 1, 2.2]]})})}
+    f = find_hangs(states, {0: 0.1, 1: 0.1}, ST)
+    assert f["kind"] == "non_comm_hang" and f["ranks"] == [0]
+
+
+def _steps(waits_by_rank, step_s=0.1):
+    """States for one 4-rank group from per-rank per-step waits (steps 1..n)."""
+    W = sorted(waits_by_rank)
+    out = {}
+    for r in W:
+        w = [(i + 1, x) for i, x in enumerate(waits_by_rank[r])]
+        st = [(i + 1, step_s, 1000.0 + i * step_s, x) for i, x in enumerate(waits_by_rank[r])]
+        out[r] = _s(r, {"g0": _g("dp", W, 100, w=w)}, steps=st, step_s=step_s)
+    return out
+
+
+def test_slow_rank_named_and_jitter_is_not():
+    import random
+
+    rnd = random.Random(0)
+    n = 12
+    slow = {r: [0.06 + rnd.uniform(0, 0.005) for _ in range(n)] for r in range(4)}
+    slow[3] = [0.002] * n  # everyone waits ~60 ms per step for rank 3, which never waits
+    f = find_slow(_steps(slow), ST)
+    assert [(x["kind"], x["ranks"]) for x in f] == [("slow_rank", [3])]
+    for seed in range(200):  # 20% jitter: whoever is last changes, and by little
+        rnd = random.Random(seed)
+        jit = [[rnd.uniform(0, 0.02) for _ in range(n)] for _ in range(4)]
+        waits = {r: [max(jit[q][i] for q in range(4)) - jit[r][i] + 0.003 for i in range(n)] for r in range(4)}
+        assert find_slow(_steps(waits), ST) == [], seed
+
+
+def test_slow_rank_not_confused_with_ranks_it_made_late():
+    # tp=2 x dp=2, rank 1 slow: 0 waits for it in tp, 3 waits for it in dp and is then late
+    # to tp{2,3}, where 2 waits for 3. Only 1 waits little everywhere.
+    n = 10
+    w = lambda x: [(i + 1, x) for i in range(n)]  # noqa: E731
+    groups = {0: {"a": _g("tp", [0, 1], 9, w=w(0.1)), "c": _g("dp", [0, 2], 9, w=w(0.002))},
+              1: {"a": _g("tp", [0, 1], 9, w=w(0.002)), "d": _g("dp", [1, 3], 9, w=w(0.002))},
+              2: {"b": _g("tp", [2, 3], 9, w=w(0.1)), "c": _g("dp", [0, 2], 9, w=w(0.002))},
+              3: {"b": _g("tp", [2, 3], 9, w=w(0.002)), "d": _g("dp", [1, 3], 9, w=w(0.1))}}
+    states = {r: _s(r, g, steps=[(i + 1, 0.2, 1000.0 + i * 0.2, sum(x["w"][0][1] for x in g.values()))
+                                 for i in range(n)], step_s=0.2) for r, g in groups.items()}
+    f = find_slow(states, ST)
+    assert [(x["kind"], x["ranks"]) for x in f] == [("slow_rank", [1])]
+
+
+def test_slow_link_against_sibling_groups():
+    # tp=2 x dp=2: dp groups {0,2} and {1,3}; ops in {1,3} take 80 ms longer after both entered.
+    n = 10
+    w = lambda x: [(i + 1, x) for i in range(n)]  # noqa: E731
+    st = [(i + 1, 0.2, 1000.0 + i * 0.2, 0.0) for i in range(n)]
+    groups = {0: {"a": _g("tp", [0, 1], 9, w=w(0.06)), "c": _g("dp", [0, 2], 9, w=w(0.002))},
+              1: {"a": _g("tp", [0, 1], 9, w=w(0.001)), "d": _g("dp", [1, 3], 9, w=w(0.082))},
+              2: {"b": _g("tp", [2, 3], 9, w=w(0.06)), "c": _g("dp", [0, 2], 9, w=w(0.003))},
+              3: {"b": _g("tp", [2, 3], 9, w=w(0.001)), "d": _g("dp", [1, 3], 9, w=w(0.08))}}
+    states = {r: _s(r, g, steps=[(a, b, c, sum(x["w"][0][1] for x in g.values())) for a, b, c, _ in st],
+                    step_s=0.2) for r, g in groups.items()}
+    f = find_slow(states, ST)
+    assert [(x["kind"], x["ranks"]) for x in f] == [("slow_link", [1, 3])]
+
+
+# ----------------------------------------------------------------------------- drills
+
+
+@pytest.mark.slow
+def test_drills_name_every_fault_on_rank_0_and_rank_3(tmp_path):
+    """One launch: every fault kind on rank 0 and on rank 3 (hangs, SIGSTOP and crashes
+    restart the job from its checkpoint), and 300 steps with 20% jitter and no finding."""
+    t0 = time.monotonic()
+    proc = run_cli("drill", "configs/tiny.toml", "--all", "--nproc", "4", "--jitter-steps", "300",
+                   "--set", f"run.dir={tmp_path}", timeout=900, check=False)
+    print(f"\ndrill launch: {time.monotonic() - t0:.0f} s\n{proc.stdout[-4000:]}")
+    root = next(tmp_path.glob("drill-*"))
+    drills = json.loads((root / "drill.json").read_text())
+    assert (root / "drill.md").exists()
+    by_spec = {d["spec"]: d for d in drills}
+    for d in drills:
+        r = d["result"]
+        assert r["correct"], f"{d['spec']}: expected {d['expect_kind']} {d['expect_ranks']}, got {r}"
+        assert r["completed"], f"{d['spec']}: the job did not finish the run after the fault"
+        kind = d["spec"].split(":")[0]
+        if d["expect_kind"] in ("hang", "non_comm_hang"):
+            assert r["time_to_detect_s"] is not None and r["time_to_detect_s"] <= 5.0, d
+        if kind in ("slow_compute", "delay"):
+            assert r["steps_to_detect"] is not None and r["steps_to_detect"] <= 10, d
+    jitter = by_spec["jitter:pct=20"]
+    assert jitter["steps"] == 300 and jitter["result"]["named"] == "-"
+    kinds = {d["spec"].split(":")[0] for d in drills}
+    assert kinds == {"jitter", "delay", "slow_compute", "hang", "sigstop", "crash", "slow_link"}
+    for r in (0, 3):
+        assert f"sigstop:rank={r},step=6" in by_spec and f"hang:rank={r},step=6,where=compute" in by_spec
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # the run directory of a drill holds its findings and a per-rank timeline for the report
+    hang_dir = root / next(d["name"] for d in drills if d["spec"] == "hang:rank=3,step=6")
+    run_cli("report", str(hang_dir))
+    assert (hang_dir / "report" / "c4_timeline.png").stat().st_size > 1000

@@ -1,0 +1,97 @@
+"""Expert parallelism through real gloo ranks gives the single-process MoE model's losses,
+aux losses, gradient norms and final parameters (dropless, fp32): ep=2 and ep=4 with
+dp_shard, composed with tp (and activation checkpointing), with a pipeline (the aux losses' gradient injected on stages
+that compute no loss), and ep=8 with the hierarchical all-to-all on 2 simulated nodes;
+checkpoints reload across ep layouts; the per-step "moe" metrics add up.
+
+Model: configs/tiny-moe.toml (8 experts of width 64, top-2, every block). Launches:
+1 rank (the reference, and a capacity-limited run), 4 ranks, then 8 ranks as 2 nodes.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import read_metrics, sweep
+from tests.test_dp_equivalence import TOL, load_params
+
+STEPS = 3
+CONFIG = "configs/tiny-moe.toml"
+COMMON = {"train.steps": STEPS, "checkpoint.every": STEPS}
+TOKENS = 16 * 128 * 2  # token copies per MoE layer and step: global batch x seq_len x top_k
+LAYOUTS = {  # name: (ranks, overrides); all dp_shard = -1 (fills the rest)
+    "ep4": (4, {"parallel.ep": 4}),
+    "ep2": (4, {"parallel.ep": 2}),
+    "tp2_ep2": (4, {"parallel.tp": 2, "parallel.ep": 2, "train.activation_checkpoint": "true"}),
+    "tp2_ep4": (4, {"parallel.tp": 2, "parallel.ep": 4}),
+    "pp2_ep2": (4, {"parallel.pp": 2, "parallel.ep": 2}),
+    "ep8_hier": (8, {"parallel.ep": 8, "parallel.a2a": "hierarchical"}),
+}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    sweep(root, 1, {"ref": {"train.steps": STEPS + 2, "checkpoint.every": 1, "checkpoint.keep": 10},
+                    "capped": {"model.moe_capacity_factor": 1.0, "train.steps": 1, "checkpoint.every": 0}},
+          COMMON, config=CONFIG)
+    runs = {name: sets for name, (n, sets) in LAYOUTS.items() if n == 4}
+    runs["ep2 "] = {"run.name": "ep2", "parallel.ep": 4, "train.steps": STEPS + 2}  # continue ep=2 as ep=4
+    sweep(root, 4, runs, COMMON, config=CONFIG)
+    # ... and tp=2 x ep=4 on 4 ranks as ep=8 on 8 ranks over 2 nodes, hierarchical
+    sweep(root, 8, {"ep8_hier": LAYOUTS["ep8_hier"][1],
+                    "tp2_ep4 ": {"run.name": "tp2_ep4", "parallel.ep": 8, "parallel.a2a": "hierarchical",
+                                 "train.steps": STEPS + 2}}, COMMON, config=CONFIG, nodes=2)
+    return root
+
+
+def column(run_dir, key, n=STEPS):
+    return [key(r) if callable(key) else r[key] for r in read_metrics(run_dir)][:n]
+
+
+def assert_params_match(root, name, step):
+    ref = load_params(root / f"ref/checkpoints/step-{step:06d}")
+    got = load_params(root / name / f"checkpoints/step-{step:06d}")
+    assert got.keys() == ref.keys()
+    assert "layers.0.feed_forward.experts.w1" in ref and ref["layers.0.feed_forward.experts.w1"].shape == (8, 64, 64)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], **TOL, msg=lambda m, k=k: f"{name} {k}: {m}")
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_process(root, name):
+    for key in ("loss", "grad_norm", lambda r: r["moe"]["aux_loss"], lambda r: r["moe"]["z_loss"]):
+        torch.testing.assert_close(column(root / name, key), column(root / "ref", key), **TOL)
+    assert column(root / name, lambda r: r["moe"]["load"]) == column(root / "ref", lambda r: r["moe"]["load"])
+    assert_params_match(root, name, STEPS)
+
+
+@pytest.mark.parametrize("name", ["ep2", "tp2_ep4"])
+def test_checkpoint_resumes_on_another_ep_layout(root, name):
+    """ep=2 continued as ep=4; tp=2 x ep=4 (4 ranks) continued as ep=8 over 2 nodes."""
+    torch.testing.assert_close(column(root / name, "loss", STEPS + 2), column(root / "ref", "loss", STEPS + 2), **TOL)
+    assert_params_match(root, name, STEPS + 2)
+    state = json.loads((root / name / f"checkpoints/step-{STEPS + 2:06d}/train_state.json").read_text())
+    assert state["sampler"]["consumed_samples"] == (STEPS + 2) * 16
+
+
+def test_moe_metrics(root):
+    ref = read_metrics(root / "ref")
+    for r in ref:
+        moe = r["moe"]
+        assert sorted(moe["load"]) == ["0", "1", "2", "3"]
+        assert all(sum(load) == TOKENS for load in moe["load"].values())  # dropless: every copy counted once
+        assert moe["dropped_tokens"] == 0 and moe["aux_loss"] > 3.9 and moe["z_loss"] > 0  # aux ~ 1 per layer
+        assert moe["a2a"]["messages"] == 0 and r["comm"]["all_to_all"]["count"] == 0
+    capped = read_metrics(root / "capped")[0]["moe"]
+    assert capped["dropped_tokens"] > 0 and all(sum(v) == TOKENS for v in capped["load"].values())
+    # one node: no all-to-all crosses a node boundary; ep=8 on 2 nodes: some do
+    ep4 = read_metrics(root / "ep4")[0]
+    assert ep4["moe"]["a2a"]["messages"] > 0 and ep4["moe"]["a2a"]["cross_node_messages"] == 0
+    assert ep4["comm"]["all_to_all"]["count"] > 0
+    hier = read_metrics(root / "ep8_hier")[0]["moe"]["a2a"]
+    # per MoE layer, forward and backward: counts + rows, rows back (forward), rows and rows back (backward):
+    # at most 5 exchanges x P(N-1) = 8 messages across nodes
+    assert 0 < hier["cross_node_messages"] <= 4 * 5 * 8 and hier["cross_node_bytes"] > 0
