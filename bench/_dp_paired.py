@@ -6,10 +6,10 @@
 On a shared 2-core machine, separate runs of each system see different background load and
 their tokens/s move by 10-30 % from run to run. Here the same 4 processes alternate blocks
 of `--block` steps: dist-train's `Trainer.train_step` followed by its per-step metrics record
-(`_step_record`, as `fit` runs it), then the same number of plain FSDP2 steps on an identical
+(`_gather_record`, finished after the next step as `fit` does), then the same number of plain FSDP2 steps on an identical
 model and data over an unobserved gloo group, and so on; both see the same load. There is no
 barrier between blocks, so each side keeps its own synchronisation (dist-train's record is an
-all-gather every step; the plain loop has none). Per block: each rank's wall and CPU time;
+async all-gather every step, waited one step later; the plain loop has none). Per block: each rank's wall and CPU time;
 a step's time is the ranks' mean (each rank's blocks tile its timeline).
 
 Switches for the plain side, to find what a gap is made of:
@@ -95,14 +95,17 @@ def main() -> None:
             mine = torch.tensor([loss_sum.item(), 0.0, time.perf_counter() - t0], dtype=torch.float64)
             dist.all_gather([torch.empty_like(mine) for _ in range(world)], mine, group=plain_pg)
 
-    step = 0
+    step, pending = 0, None
 
     def dist_train_step() -> None:  # as Trainer.fit runs a step, less the metrics file
-        nonlocal step
+        nonlocal step, pending
         step += 1
         t0 = time.perf_counter()
         loss, grad_norm = trainer.train_step()
-        trainer._step_record(step, loss, grad_norm, time.perf_counter() - t0)
+        current = trainer._gather_record(step, loss, grad_norm, time.perf_counter() - t0)
+        if pending is not None:
+            trainer._finish_record(pending)
+        pending = current
 
     wall = {"dist-train": [], "plain": []}
     cpu = {"dist-train": [], "plain": []}
@@ -114,6 +117,7 @@ def main() -> None:
                 fn()
             wall[name].append((time.perf_counter() - t0) / args.block)
             cpu[name].append((time.process_time() - c0) / args.block)
+    trainer._finish_record(pending)
     rows = [None] * world
     dist.all_gather_object(rows, (wall, cpu), group=plain_pg)
     if rank == 0:

@@ -7,7 +7,7 @@
    effect to the finding (and steps, for slow ranks and links).
 
 Run:  python bench/c4.py [--nproc 8] [--repeats 5] [--pairs 3] [--steps 30] [--out results.json]
-Quick: python bench/c4.py --repeats 1 --pairs 2
+Quick: python bench/c4.py --repeats 1 --pairs 2     Overhead only: --repeats 0
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def detection(nproc: int, repeats: int, root: Path) -> list:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--nproc", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=5, help="drills per fault kind (5 for the full benchmark)")
+    p.add_argument("--repeats", type=int, default=5, help="drills per fault kind (5 for the full benchmark; 0: overhead only)")
     p.add_argument("--pairs", type=int, default=3, help="off/on run pairs for the overhead")
     p.add_argument("--steps", type=int, default=30, help="steps per overhead run")
     p.add_argument("--overhead-nproc", type=int, default=4)
@@ -85,6 +85,8 @@ def main() -> None:
     for i, off, on in pairs:
         print(f"| {i} | {off:.0f} | {on:.0f} | {on / off:.3f} |")
     print(f"\nmedian on/off ratio: {ratio:.3f} (goal >= 0.98: {'met' if ratio >= 0.98 else 'NOT met'})\n")
+    if args.repeats == 0:
+        return
     with tempfile.TemporaryDirectory() as tmp:
         rows = detection(args.nproc, args.repeats, Path(tmp))
     print(f"\nTime to detect, {args.nproc} CPU ranks, {args.repeats} drill(s) per kind in one launch "

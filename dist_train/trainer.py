@@ -12,6 +12,7 @@ import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -220,32 +221,40 @@ class Trainer:
             return torch.full((), float("nan"), device=self.device)
         return torch.stack([l.detach().float() for l in losses]).mean()
 
-    def _step_record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, step_time: float) -> dict:
-        """Reduce this step's numbers over ranks (one all-gather, not counted as the step's comm)."""
+    def _gather_record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor,
+                       step_time: float) -> "_PendingRecord":
+        """Start reducing this step's numbers over ranks: one all-gather, issued async and
+        waited by `_finish_record` after the next step's compute, so the metrics add no
+        synchronisation point of their own (not counted as the step's comm)."""
         comm = self.recorder.step_summary(reset=True)
         local = [loss.item(), float(peak_memory_bytes(self.device)), step_time, self._idle_s(step_time)]
         for kind in COMM_KINDS:
             local += [comm.get(kind, {}).get("count", 0), comm.get(kind, {}).get("bytes", 0)]
-        first = len(local) - 2 * len(COMM_KINDS)
         moe_ids = self.args.moe_layer_ids()
         if moe_ids:
             local += moe.stats_vector(self.par.parts, moe_ids, self.args.moe_experts,
                                       self.par.ep_topology.stats.take() if self.par.ep_topology else {})
         mine = torch.tensor(local, dtype=torch.float64)
         rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-        with self.recorder.paused():
-            dist.all_gather(rows, mine)
-        table = torch.stack(rows)
+        with self.recorder.background():
+            work = dist.all_gather(rows, mine, async_op=True)
+        return _PendingRecord(step, work, rows, self.scheduler.get_last_lr()[0], float(grad_norm))
+
+    def _finish_record(self, p: "_PendingRecord") -> dict:
+        """The step's metrics record, once its all-gather is done."""
+        p.work.wait()
+        table = torch.stack(p.rows)
+        first = 4  # loss, memory, step time, idle; then (count, bytes) per comm kind; then MoE stats
         tokens = self.cfg.train.global_batch * self.cfg.data.seq_len
         step_time = float(table[:, 2].max())
         record = {
-            "step": step,
+            "step": p.step,
             # each rank holding a loss (the last pipeline stage) has its data-parallel share's mean
             "loss": float(table[:, 0].nanmean()),
-            "lr": self.scheduler.get_last_lr()[0],
-            "tokens": tokens * step,
+            "lr": p.lr,
+            "tokens": tokens * p.step,
             "tokens_per_s": tokens / step_time,
-            "grad_norm": float(grad_norm),
+            "grad_norm": p.grad_norm,
             "step_time_s": step_time,
             "peak_memory_bytes": int(table[:, 1].max()),
             "bubble_fraction": float((table[:, 3] / table[:, 2]).mean()),
@@ -253,10 +262,13 @@ class Trainer:
                             "bytes": int(table[:, first + 1 + 2 * i].sum())}
                      for i, kind in enumerate(COMM_KINDS)},
         }
+        moe_ids = self.args.moe_layer_ids()
         if moe_ids:
             micro_batches = self.sampler.global_batch // self.sampler.micro_batch  # over all dp ranks
             record["moe"] = moe.stats_record(table[:, first + 2 * len(COMM_KINDS):].sum(0), moe_ids,
                                              self.args.moe_experts, micro_batches)
+        if self.c4:
+            record["c4_findings"] = self.c4.findings_count
         return record
 
     def _idle_s(self, step_time: float) -> float:
@@ -286,6 +298,16 @@ class Trainer:
         progress = _progress(cfg, start) if self.rank == 0 else None
         self.recorder.step_summary(reset=True)  # start-up collectives are not a step's
         self.c4 = c4 = start_monitor(cfg, self.env, self.recorder, self.device, self.log)  # None when off
+        pending = None  # the previous step's metrics, gathered while this step computes
+
+        def publish(p: _PendingRecord) -> None:
+            record = self._finish_record(p)
+            if writer is not None and (p.step % cfg.metrics.log_every == 0 or p.step == cfg.train.steps):
+                writer.write(record)
+            if progress is not None:
+                progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                progress.update(1)
+
         try:
             for step in range(start + 1, cfg.train.steps + 1):
                 t0 = time.perf_counter()
@@ -294,18 +316,19 @@ class Trainer:
                 loss, grad_norm = self.train_step()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                record = self._step_record(step, loss, grad_norm, time.perf_counter() - t0)
+                current = self._gather_record(step, loss, grad_norm, time.perf_counter() - t0)
+                if pending is not None:
+                    publish(pending)
+                pending = current
                 if c4:
                     c4.step_end(step, time.perf_counter() - t0)
-                    record["c4_findings"] = c4.findings_count
-                if writer is not None and (step % cfg.metrics.log_every == 0 or step == cfg.train.steps):
-                    writer.write(record)
-                if progress is not None:
-                    progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                    progress.update(1)
                 every = cfg.checkpoint.every
                 if every and (step % every == 0 or step == cfg.train.steps):
+                    publish(pending)  # metrics.jsonl holds every step a checkpoint holds
+                    pending = None
                     self.save(step)
+            if pending is not None:
+                publish(pending)
         finally:
             if c4:
                 c4.close()
@@ -318,6 +341,15 @@ class Trainer:
     def close(self) -> None:
         if self.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class _PendingRecord(NamedTuple):
+    """A step's metrics on their way: the all-gather in flight and what is known locally."""
+    step: int
+    work: object  # torch.distributed Work
+    rows: list
+    lr: float
+    grad_norm: float
 
 
 def _progress(cfg: Config, start: int):

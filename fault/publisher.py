@@ -167,6 +167,8 @@ class Monitor:
             pend = None
             p2p: dict = {}
             for rec in st.pending.copy():
+                if rec.background and rec.t_enter and not rec.t_wait:
+                    continue  # issued on purpose to be waited later (deferred metrics): blocks no one yet
                 if rec.kind == "send_recv":
                     peer = rec.peers[0] if rec.op.startswith("recv") else rec.peers[1]
                     pl = st.p2p_last.get(peer)

@@ -44,12 +44,14 @@ class CollectiveRecord:
     caller's `wait()` returns (exact for blocking calls, an upper bound for
     work waited on later). `t_wait` is when the caller first called `wait()`:
     `t_exit - t_wait` is the time the caller sat blocked (a pipeline's bubble).
+    `background` marks work its caller waits for only later, on purpose (the
+    trainer's deferred metrics gather): until `wait()` it blocks no one.
     """
 
     __slots__ = ("group", "op", "kind", "seq", "nbytes", "peers",
-                 "t_enter", "t_wait", "t_exit", "counted", "error", "hold_s")
+                 "t_enter", "t_wait", "t_exit", "counted", "error", "hold_s", "background")
 
-    def __init__(self, group, op, kind, seq, nbytes, peers, counted):
+    def __init__(self, group, op, kind, seq, nbytes, peers, counted, background=False):
         self.group = group
         self.op = op
         self.kind = kind
@@ -62,6 +64,7 @@ class CollectiveRecord:
         self.counted = counted
         self.error = None
         self.hold_s = 0.0  # set by a fault hook: extra seconds inside the op (a slow link)
+        self.background = background
 
     def as_dict(self) -> dict:
         """Plain dict (JSON-ready) for publishing or logging."""
@@ -120,7 +123,9 @@ class GroupState:
             self.p2p_last[peer] = rec
             self.p2p_wait_ns[peer] = self.p2p_wait_ns.get(peer, 0) + d
         else:
-            self.last_completed = rec
+            # work waited late (background) may finish after ops issued behind it
+            if self.last_completed is None or rec.seq > self.last_completed.seq:
+                self.last_completed = rec
             self.wait_ns += d
             self.durations.append(d)
 
@@ -144,6 +149,7 @@ class CollectiveRecorder:
         self._ring: collections.deque = collections.deque(maxlen=capacity)
         self._totals = {k: [0, 0] for k in KINDS}
         self._paused = 0
+        self._background = 0
         self._max_pending = max_pending
         self._groups: list[GroupState] = []
         self.dropped_pending = 0  # never-waited works evicted from `pending`
@@ -164,7 +170,7 @@ class CollectiveRecorder:
         else:
             st.p2p_seq[p2p_peer] = seq = st.p2p_seq.get(p2p_peer, 0) + 1
         counted = not self._paused
-        rec = CollectiveRecord(st.name, op, kind, seq, nbytes, peers, counted)
+        rec = CollectiveRecord(st.name, op, kind, seq, nbytes, peers, counted, self._background > 0)
         if counted:
             tot = self._totals[kind]
             tot[0] += 1
@@ -245,3 +251,15 @@ class CollectiveRecorder:
             yield
         finally:
             self._paused -= 1
+
+    @contextlib.contextmanager
+    def background(self) -> Iterator[None]:
+        """Like `paused`, for async work the caller waits for only later: its
+        records are `background`, so C4 does not read them as stuck until
+        the caller waits."""
+        self._background += 1
+        try:
+            with self.paused():
+                yield
+        finally:
+            self._background -= 1

@@ -80,6 +80,31 @@ def test_injector_hooks():
     assert not other  # not this rank's fault
 
 
+def test_background_work_is_not_stuck_until_waited(tmp_path):
+    """The trainer's deferred metrics gather is pending for a whole step on purpose: the
+    published state must not show it until the caller waits, and its late completion must
+    not move the group's last completed op backwards."""
+    from dist_train.fault.publisher import Monitor
+
+    rec = CollectiveRecorder()
+    st = rec.add_group((0, 1), "world")
+    st.gid = "0"
+    mon = Monitor(rec, None, rank=0, world=2, attempt=0, run_dir=str(tmp_path), settings=C4Settings(),
+                  publish=False)
+    with rec.background():
+        gather = rec.begin(st, "allgather", "all_gather", 8)
+    assert not gather.counted and gather.background
+    assert mon.state()["g"]["0"]["p"] is None  # issued, not waited: blocks no one
+    later = rec.begin(st, "allgather", "all_gather", 8)
+    assert mon.state()["g"]["0"]["p"][0] == later.seq  # an ordinary op in the call is shown
+    gather.t_wait = gather.t_enter + 1
+    assert mon.state()["g"]["0"]["p"][0] == gather.seq  # waited for now: the oldest pending op
+    later.t_wait = later.t_enter
+    st.end(later)
+    st.end(gather)
+    assert st.last_completed is later and mon.state()["g"]["0"]["done"] == later.seq
+
+
 # ----------------------------------------------------------------------------- rules
 
 
