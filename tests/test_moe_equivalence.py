@@ -1,11 +1,15 @@
 """Expert parallelism through real gloo ranks gives the single-process MoE model's losses,
 aux losses, gradient norms and final parameters (dropless, fp32): ep=2 and ep=4 with
-dp_shard, composed with tp (and activation checkpointing), with a pipeline (the aux losses' gradient injected on stages
-that compute no loss), and ep=8 with the hierarchical all-to-all on 2 simulated nodes;
-checkpoints reload across ep layouts; the per-step "moe" metrics add up.
+dp_shard, with dp_replicate (HSDP: experts sharded over the replicas too), composed with tp
+(with activation checkpointing; with a shared expert, against its own reference), with a
+pipeline under 1f1b, interleaved and layered schedules (the aux losses' gradient injected on
+stages that compute no loss), layered accumulation without a pipeline, and ep=8 with
+the hierarchical all-to-all on 2 simulated nodes; checkpoints reload across ep layouts; the
+per-step "moe" metrics add up.
 
 Model: configs/tiny-moe.toml (8 experts of width 64, top-2, every block). Launches:
-1 rank (the reference, and a capacity-limited run), 4 ranks, then 8 ranks as 2 nodes.
+1 rank (the references without and with a shared expert, and a capacity-limited run),
+4 ranks, then 8 ranks as 2 nodes.
 """
 from __future__ import annotations
 
@@ -27,6 +31,11 @@ LAYOUTS = {  # name: (ranks, overrides); all dp_shard = -1 (fills the rest)
     "tp2_ep2": (4, {"parallel.tp": 2, "parallel.ep": 2, "train.activation_checkpoint": "true"}),
     "tp2_ep4": (4, {"parallel.tp": 2, "parallel.ep": 4}),
     "pp2_ep2": (4, {"parallel.pp": 2, "parallel.ep": 2}),
+    "pp2_ep2_layered": (4, {"parallel.pp": 2, "parallel.ep": 2, "parallel.pp_schedule": "layered"}),
+    "pp2_ep2_interleaved": (4, {"parallel.pp": 2, "parallel.ep": 2, "parallel.pp_schedule": "interleaved"}),
+    "layered_ep4": (4, {"parallel.ep": 4, "parallel.pp_schedule": "layered"}),
+    "hsdp_ep2": (4, {"parallel.dp_replicate": 2, "parallel.ep": 2}),
+    "tp2_ep2_shared": (4, {"parallel.tp": 2, "parallel.ep": 2, "model.moe_shared_expert": "true"}),
     "ep8_hier": (8, {"parallel.ep": 8, "parallel.a2a": "hierarchical"}),
 }
 
@@ -35,6 +44,7 @@ LAYOUTS = {  # name: (ranks, overrides); all dp_shard = -1 (fills the rest)
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe")
     sweep(root, 1, {"ref": {"train.steps": STEPS + 2, "checkpoint.every": 1, "checkpoint.keep": 10},
+                    "ref_shared": {"model.moe_shared_expert": "true"},
                     "capped": {"model.moe_capacity_factor": 1.0, "train.steps": 1, "checkpoint.every": 0}},
           COMMON, config=CONFIG)
     runs = {name: sets for name, (n, sets) in LAYOUTS.items() if n == 4}
@@ -51,20 +61,26 @@ def column(run_dir, key, n=STEPS):
     return [key(r) if callable(key) else r[key] for r in read_metrics(run_dir)][:n]
 
 
+def reference(name: str) -> str:
+    return "ref_shared" if name.endswith("_shared") else "ref"
+
+
 def assert_params_match(root, name, step):
-    ref = load_params(root / f"ref/checkpoints/step-{step:06d}")
+    ref = load_params(root / reference(name) / f"checkpoints/step-{step:06d}")
     got = load_params(root / name / f"checkpoints/step-{step:06d}")
     assert got.keys() == ref.keys()
     assert "layers.0.feed_forward.experts.w1" in ref and ref["layers.0.feed_forward.experts.w1"].shape == (8, 64, 64)
+    assert ("layers.0.feed_forward.shared_expert.w1.weight" in ref) == name.endswith("_shared")
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], **TOL, msg=lambda m, k=k: f"{name} {k}: {m}")
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(root, name):
+    ref = root / reference(name)
     for key in ("loss", "grad_norm", lambda r: r["moe"]["aux_loss"], lambda r: r["moe"]["z_loss"]):
-        torch.testing.assert_close(column(root / name, key), column(root / "ref", key), **TOL)
-    assert column(root / name, lambda r: r["moe"]["load"]) == column(root / "ref", lambda r: r["moe"]["load"])
+        torch.testing.assert_close(column(root / name, key), column(ref, key), **TOL)
+    assert column(root / name, lambda r: r["moe"]["load"]) == column(ref, lambda r: r["moe"]["load"])
     assert_params_match(root, name, STEPS)
 
 
