@@ -9,6 +9,12 @@ data-parallel layout resumes on another. Around it we add what a long job needs:
   incomplete or corrupted checkpoint is detected and named, and `resume = "latest"` falls
   back to the previous good one;
 - `train_state.json` (step, sampler position, LR schedule) readable without torch.
+
+The optimizer state is saved flattened (`flatten_optimizer_state_dict`): every parameter's
+moments and hyper-parameters under its own name. Unflattened, `param_groups` is one list
+of names per rank under one key, and DCP keeps a single rank's copy of it, so pipeline
+stages holding other parameters would load their groups without lr or betas. Checkpoints
+written unflattened (before this) still load on the layout that wrote them.
 """
 from __future__ import annotations
 
@@ -103,7 +109,7 @@ class Checkpointer:
                 shutil.rmtree(tmp)  # left by a save that crashed; never a complete checkpoint
             tmp.mkdir(parents=True)
         dist.barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(flat=True))
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
         rng_name = f"rng-{self.rank:05d}.pt"
         torch.save(_rng_state(), tmp / rng_name)
@@ -172,14 +178,30 @@ class Checkpointer:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        options = _options(flat=_is_flat(path))
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=options)
         rng = path / f"rng-{self.rank:05d}.pt"
         if rng.exists():  # absent when resuming on more ranks than saved: keep the fresh seed
             _set_rng_state(torch.load(rng, weights_only=False))
         return json.loads((path / TRAIN_STATE).read_text())
+
+
+def _options(flat: bool):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(flatten_optimizer_state_dict=flat)
+
+
+def _is_flat(path: Path) -> bool:
+    """Whether the checkpoint holds the flattened optimizer state (see module docstring)."""
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return "optim.param_groups.0.params" not in keys
 
 
 def _rng_state() -> dict:

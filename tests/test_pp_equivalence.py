@@ -48,9 +48,12 @@ def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("pp")
     sweep(root, 1, {"ref": {"train.steps": STEPS + 2, "checkpoint.keep": 5, "checkpoint.every": 1}}, COMMON)
     sweep(root, 2, {**PP2, **_counts_runs()}, COMMON)
-    # the pp=2 gpipe checkpoint continues as pp=4 layered (after the equivalence runs)
+    # the pp=2 gpipe checkpoint continues as pp=4 layered, pp=2 1f1b as pp=2 x dp_shard=2
+    # (after the equivalence runs); the second keeps every stage's parameters on the same stage
     sweep(root, 4, {**PP4, "pp2_gpipe": {"parallel.pp": 4, "parallel.pp_schedule": "layered",
-                                         "train.steps": STEPS + 2}}, COMMON)
+                                         "train.steps": STEPS + 2},
+                    "pp2_1f1b": {"parallel.pp": 2, "parallel.pp_schedule": "1f1b", "train.steps": STEPS + 2}},
+          COMMON)
     sweep(root, 1, {"pp4_interleaved": {"train.steps": STEPS + 2}}, COMMON)  # ... and pp=4 as one process
     return root
 
@@ -81,9 +84,11 @@ def test_pipeline_metrics(root):
     assert read_metrics(root / "ref")[-1]["bubble_fraction"] == 0.0
 
 
-@pytest.mark.parametrize("name", ["pp2_gpipe", "pp4_interleaved"])
+@pytest.mark.parametrize("name", ["pp2_gpipe", "pp2_1f1b", "pp4_interleaved"])
 def test_checkpoint_moves_between_pp_layouts(root, name):
-    """pp=2 gpipe -> pp=4 layered, and pp=4 interleaved -> one process: the resumed steps
+    """pp=2 gpipe -> pp=4 layered, pp=2 1f1b -> pp=2 x dp_shard=2 (each stage's optimizer
+    hyper-parameters and state come back to the same stage), and pp=4 interleaved -> one
+    process: the resumed steps
     equal the reference's, and the sampler is where the reference's is."""
     torch.testing.assert_close(column(root / name, "loss", STEPS + 2), column(root / "ref", "loss", STEPS + 2), **TOL)
     assert_params_match(root, name, STEPS + 2)
