@@ -14,7 +14,7 @@ The optimizer state is saved flattened (`flatten_optimizer_state_dict`): every p
 moments and hyper-parameters under its own name. Unflattened, `param_groups` is one list
 of names per rank under one key, and DCP keeps a single rank's copy of it, so pipeline
 stages holding other parameters would load their groups without lr or betas. Checkpoints
-written unflattened (before this) still load on the layout that wrote them.
+written unflattened (before this) by runs without a pipeline still load.
 """
 from __future__ import annotations
 
