@@ -17,9 +17,10 @@ every ~0.2 s). Rules, every threshold relative to the job's own timing:
   run's first step). Each blocked rank waits for the members
   that did not enter that op (collective: same group sequence number; p2p: the
   matching op on the peer). The ranks waited on that wait for nobody are the
-  culprits of a non_comm_hang; with no one missing it is a hang, named by the
-  members that entered but never reached `wait()` (stuck inside the call) or,
-  failing that, the whole group. A member whose heartbeat is stale (a stopped
+  culprits of a non_comm_hang (of a hang if each is stuck inside a call of its
+  own, such as a pipeline recv whose sender's send already completed); with no one
+  missing it is a hang, named by the members that entered but never reached
+  `wait()` (stuck inside the call) or, failing that, the whole group. A member whose heartbeat is stale (a stopped
   or dead process) is named as a non_comm_hang in either case.
 - slow_rank: over the last `slow_window` steps, per group, the rank that waits
   least (arrives last) is the same one in >= slow_consistency of the steps, the
@@ -156,6 +157,15 @@ def find_hangs(states: dict, stale: dict, st: C4Settings) -> dict | None:
                 "why": "process not responding (heartbeat stale) while its peers wait for it"}
     if sinks:
         evidence["culprit_state"] = {str(r): _describe(states[r]) for r in sinks}
+        # a culprit stuck inside a communication call of its own (a p2p recv whose sender
+        # moved on, say) hangs in communication, though its peers wait elsewhere
+        waited = {r: min(b[5] for b in blocked if r in b[6]) for r in sinks}
+        inside = [r for r in sinks if _inside_call_s(states[r]) >= 0.5 * waited[r]]
+        if inside == sinks:
+            evidence["stuck_inside_call"] = inside
+            return {"kind": "hang", "ranks": sinks, "evidence": evidence, "group": blocked[0][2],
+                    "since_onset_s": onset,
+                    "why": "stuck inside a communication call that never returns, while peers wait for it"}
         return {"kind": "non_comm_hang", "ranks": sinks, "evidence": evidence, "group": blocked[0][2],
                 "since_onset_s": onset, "why": "peers wait in a collective this rank never entered"}
     full = [b for b in blocked if not b[6]]
@@ -182,13 +192,29 @@ def _stuck_inside(s: dict, gid: str, seq: int, peer_of_p2p: int) -> bool:
     return bool(q and q[1] and q[1][2] and not q[1][3])
 
 
+def _pending_ops(s: dict):
+    """(group name, pending op) for each collective and p2p op a rank has pending."""
+    for g in s["g"].values():
+        if g.get("p"):
+            yield g["n"], g["p"]
+        for q in g.get("pp", {}).values():
+            if q[1]:
+                yield g["n"], q[1]
+
+
+def _inside_call_s(s: dict) -> float:
+    """Longest time the rank has been inside a communication call (entered, no wait() yet)."""
+    return max((p[4] for _, p in _pending_ops(s) if p[2] and not p[3]), default=0.0)
+
+
 def _describe(s: dict) -> dict:
     out = {"step": s.get("step"), "phase": s.get("phase")}
-    for gid, g in s["g"].items():
-        p = g.get("p")
-        if p and not p[2]:
-            out["held_before"] = f"{g['n']}#{p[0]} {p[1]} for {p[4]:.2f}s"
-    if "held_before" not in out:
+    for name, p in _pending_ops(s):
+        if not p[2]:
+            out["held_before"] = f"{name}#{p[0]} {p[1]} for {p[4]:.2f}s"
+        elif not p[3]:
+            out["inside"] = f"{name}#{p[0]} {p[1]} for {p[4]:.2f}s"
+    if not out.keys() & {"held_before", "inside"}:
         out["doing"] = "outside any collective (compute or host code)"
     return out
 
