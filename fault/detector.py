@@ -31,7 +31,10 @@ every ~0.2 s). Rules, every threshold relative to the job's own timing:
 - slow_link: among sibling groups (same mesh dim and collectives per step), a
   two-rank group whose ops take link_factor x longer after both arrived (the
   per-step minimum wait over its members) than its siblings', by >= link_ratio
-  of the step time.
+  of the step time. Point-to-point pairs (pipeline stages): the shortest op of
+  each step between the pair, on both ends, is link_factor x its sibling pairs'
+  (a healthy link always has an op whose data is already there; a slow rank does
+  not change that, a slow link does), adding >= link_ratio of the step time.
 
 Where it runs (a detector must not live on one rank that could itself hang):
 in the launcher process for `dist-train local` and drills (it hosts the store
@@ -281,8 +284,54 @@ def find_slow(states: dict, st: C4Settings) -> list[dict]:
                     "step_s": round(step_s, 4)}, "window": window, "step": window[-1],
                     "onset_wall": (t0[0] - step_s) if t0 else None,
                     "why": "ops between this pair are consistently slow while sibling groups are normal"})
+    links += _p2p_links(states, step_time, st)
     in_links = {r for f in links for r in f["ranks"]}
     return links + [f for r, f in sorted(ranks_out.items()) if r not in in_links]
+
+
+def _p2p_links(states: dict, step_time: dict, st: C4Settings) -> list[dict]:
+    """slow_link findings for point-to-point pairs (pipeline stages): per step, each rank
+    publishes its shortest op with each peer. On a healthy link some op finds its data
+    already there (about 0 s) even next to a slow rank; on a slow link every op pays the
+    link, on both ends. A pair is slow when the shorter of its two ends' per-step minima
+    stays link_factor x above its sibling pairs' (same group name) and the extra time
+    over the pair's ops is >= link_ratio of the step time."""
+    W = st.slow_window
+    pairs = {}  # (name, a, b) -> (median per-step minimum, ops per step, window)
+    for r, s in states.items():
+        for g in s["g"].values():
+            for peer, q in g.get("pw", {}).items():
+                peer = int(peer)
+                if peer <= r or peer not in states:
+                    continue
+                theirs = next((g2["pw"].get(str(r)) for g2 in states[peer]["g"].values()
+                               if g2["n"] == g["n"] and str(r) in g2.get("pw", {})), None)
+                if not theirs:
+                    continue
+                mine, other = {e[0]: e for e in q}, {e[0]: e for e in theirs}
+                start = max(states[r].get("start", 0), states[peer].get("start", 0)) + st.warmup_steps
+                window = [x for x in sorted(mine.keys() & other.keys()) if x > start][-W:]
+                if len(window) < W:
+                    continue
+                tr = statistics.median(min(mine[x][1], other[x][1]) for x in window)
+                ops = statistics.median(max(mine[x][3], other[x][3]) for x in window)
+                pairs[(g["n"], r, peer)] = (tr, ops, window)
+    links = []
+    for (name, a, b), (tr, ops, window) in pairs.items():
+        others = [t for (n2, a2, b2), (t, _, _) in pairs.items() if n2 == name and (a2, b2) != (a, b)]
+        if not others:
+            continue
+        base = statistics.median(others)
+        step_s = statistics.median([step_time[m][x][1] for m in (a, b) for x in window if x in step_time[m]]
+                                   or [0.0])
+        if tr >= st.link_factor * max(base, 1e-4) and (tr - base) * ops >= st.link_ratio * step_s:
+            t0 = [step_time[a][x][2] for x in window if x in step_time[a]]
+            links.append({"kind": "slow_link", "ranks": [a, b], "group": name, "evidence": {
+                "shortest_op_s": round(tr, 4), "sibling_pairs_s": round(base, 4), "ops_per_step": ops,
+                "step_s": round(step_s, 4)}, "window": window, "step": window[-1],
+                "onset_wall": (t0[0] - step_s) if t0 else None,
+                "why": "every point-to-point op between this pair is slow while sibling pairs are normal"})
+    return links
 
 
 # ----------------------------------------------------------------------------- watcher

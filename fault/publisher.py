@@ -62,6 +62,8 @@ class Monitor:
         self._steps: collections.deque = collections.deque(maxlen=W)  # [step, step_s, wall_end, wait_s]
         self._waits: dict = {}  # GroupState -> deque of [step, wait_s]
         self._prev: dict = {}  # GroupState -> (wait_ns, seq) at the last step end
+        self._p2p: dict = {}  # GroupState -> {peer: deque of [step, shortest op s, wait s, ops]}
+        self._p2p_prev: dict = {}  # GroupState -> {peer: (p2p wait ns, ops) at the last step end}
         self._W = W
         self._hb = 0
         self._held: dict = {}  # record -> first seen not entered (monotonic s)
@@ -104,6 +106,8 @@ class Monitor:
             w, n = (st.wait_ns - prev_ns) / 1e9, st.seq - prev_seq
             self._prev[st] = (st.wait_ns, st.seq)
             total += w
+            if st.p2p_min_ns:  # p2p waits count too: a rank late because it waited for a stage is not slow
+                total += self._p2p_step(st, step)
             if not n:
                 continue  # idle this step (e.g. a group of an earlier run of a sweep)
             q = self._waits.get(st)
@@ -111,6 +115,22 @@ class Monitor:
                 q = self._waits[st] = collections.deque(maxlen=self._W)
             q.append([step, round(w, 6), n])  # step, seconds blocked, collectives issued
         self._steps.append([step, round(step_time, 6), time.time(), round(total, 6)])
+
+    def _p2p_step(self, st, step: int) -> float:
+        """Per peer: this step's shortest p2p op and total p2p wait (slow-link evidence);
+        returns the step's p2p wait in seconds."""
+        peers = self._p2p.setdefault(st, {})
+        prev = self._p2p_prev.setdefault(st, {})
+        waited = 0
+        for peer, d in st.p2p_min_ns.items():
+            total, ops = st.p2p_wait_ns.get(peer, 0), st.p2p_seq.get(peer, 0)
+            total0, ops0 = prev.get(peer, (0, 0))
+            q = peers.setdefault(peer, collections.deque(maxlen=self._W))
+            q.append([step, round(d / 1e9, 6), round((total - total0) / 1e9, 6), ops - ops0])
+            prev[peer] = (total, ops)
+            waited += total - total0
+        st.p2p_min_ns.clear()
+        return waited / 1e9
 
     @contextlib.contextmanager
     def busy(self, what: str):
@@ -183,6 +203,8 @@ class Monitor:
                  "d50": round(statistics.median(durs) / 1e9, 6) if durs else 0.0,
                  "d90": round(_pct(durs, 0.9) / 1e9, 6),
                  "w": list(self._waits.get(st, ()))}
+            if st in self._p2p:
+                g["pw"] = {str(peer): list(q) for peer, q in list(self._p2p[st].items())}
             if st.p2p_last or p2p:
                 g["pp"] = {str(peer): [(st.p2p_last[peer].seq if peer in st.p2p_last else 0),
                                        self._pend(p2p.get(peer), now, nows, held)]

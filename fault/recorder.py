@@ -90,7 +90,7 @@ class GroupState:
     """What the C4 detector needs per group, updated in place on the hot path."""
 
     __slots__ = ("name", "gid", "ranks", "seq", "pending", "last_completed",
-                 "p2p_seq", "p2p_last", "wait_ns", "p2p_wait_ns", "durations")
+                 "p2p_seq", "p2p_last", "wait_ns", "p2p_wait_ns", "p2p_min_ns", "durations")
 
     def __init__(self, name, ranks):
         self.name = name  # None until resolved (mesh dim name or ranks)
@@ -107,6 +107,9 @@ class GroupState:
         # group's own recent timing that hang thresholds are relative to.
         self.wait_ns = 0
         self.p2p_wait_ns: dict = {}  # peer global rank -> ns
+        # peer -> shortest p2p op with it since the caller last reset it (once a step): a
+        # healthy link has some op that finds its data there; a slow link has none
+        self.p2p_min_ns: dict = {}
         self.durations: collections.deque = collections.deque(maxlen=64)  # ns
 
     def end(self, rec: CollectiveRecord) -> None:
@@ -122,6 +125,8 @@ class GroupState:
             peer = rec.peers[0] if rec.op.startswith("recv") else rec.peers[1]
             self.p2p_last[peer] = rec
             self.p2p_wait_ns[peer] = self.p2p_wait_ns.get(peer, 0) + d
+            if d < self.p2p_min_ns.get(peer, d + 1):
+                self.p2p_min_ns[peer] = d
         else:
             # work waited late (background) may finish after ops issued behind it
             if self.last_completed is None or rec.seq > self.last_completed.seq:

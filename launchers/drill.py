@@ -54,7 +54,22 @@ def link_layout(nproc: int) -> dict:
     return {"parallel.tp": 2, "parallel.dp_shard": 2, "parallel.dp_replicate": nproc // 4}
 
 
-def make_drill(spec: str, nproc: int, tag: str = "", jitter_steps: int = 40) -> Drill:
+def link_pairs(nproc: int, pp: int) -> str:
+    """The pairs a slow_link drill may name: with a pipeline, adjacent stages (the same
+    position in stage s and s + 1: ranks r and r + nproc / pp, the mesh's pp dim being
+    outermost); without one, the dp_shard pairs of `link_layout`."""
+    if pp > 1:
+        return f"(r, r+{nproc // pp}) for r < {nproc - nproc // pp} (adjacent pipeline stages)"
+    return "(r, r+2) with r % 4 in (0, 1)"
+
+
+def _is_link_pair(a: int, b: int, nproc: int, pp: int) -> bool:
+    if pp > 1:
+        return b - a == nproc // pp
+    return b - a == 2 and a % 4 <= 1
+
+
+def make_drill(spec: str, nproc: int, tag: str = "", jitter_steps: int = 40, pp: int = 1) -> Drill:
     from dist_train.fault.inject import InjectError, parse_spec
 
     try:
@@ -75,16 +90,22 @@ def make_drill(spec: str, nproc: int, tag: str = "", jitter_steps: int = 40) -> 
     # one-shot faults need a checkpoint just before them to restart from; the rest only the final one
     sets["checkpoint.every"] = 2 if kind in RESTARTS else steps
     if kind == "slow_link":
-        sets.update(link_layout(nproc))
+        if pp == 1:  # a layout with sibling pairs of ranks; a pipeline brings its own
+            sets.update(link_layout(nproc))
         a, b = inj.ranks
-        if b - a != 2 or a % 4 > 1:
-            raise UserError(f"--fault {spec}: in the drill layout (tp=2 x dp_shard=2) the linked pairs are "
-                            f"(r, r+2) with r % 4 in (0, 1), e.g. ranks=0-2 or ranks={nproc - 3}-{nproc - 1}")
+        if not _is_link_pair(a, b, nproc, pp):
+            layout = f"pp={pp}" if pp > 1 else "tp=2 x dp_shard=2"
+            raise UserError(f"--fault {spec}: in the drill layout ({layout}) the linked pairs are "
+                            f"{link_pairs(nproc, pp)}, e.g. ranks=0-{_first_link(nproc, pp)}")
     slug = spec.replace(":", "-").replace(",", "-").replace("=", "")
     return Drill(f"{slug}{tag}", spec, expect, list(inj.targets) if expect else [], steps, sets)
 
 
-def all_drills(nproc: int, jitter_steps: int = 40) -> list[Drill]:
+def _first_link(nproc: int, pp: int) -> int:
+    return nproc // pp if pp > 1 else 2
+
+
+def all_drills(nproc: int, jitter_steps: int = 40, pp: int = 1) -> list[Drill]:
     """Every kind on rank 0 and on the last rank; slow faults start at step 4 (after warm-up)."""
     last = nproc - 1
     specs = ["jitter:pct=20"]
@@ -93,8 +114,10 @@ def all_drills(nproc: int, jitter_steps: int = 40) -> list[Drill]:
                   f"hang:rank={r},step=6", f"hang:rank={r},step=6,where=compute", f"sigstop:rank={r},step=6",
                   f"crash:rank={r},step=6"]
     ms = 5 if nproc <= 4 else 20  # more ranks per core: noisier waits, a link must be slower to stand out
-    specs += [f"slow_link:ranks=0-2,ms={ms},step=4", f"slow_link:ranks={nproc - 3}-{nproc - 1},ms={ms},step=4"]
-    return [make_drill(s, nproc, jitter_steps=jitter_steps) for s in specs]
+    gap = _first_link(nproc, pp)
+    specs += [f"slow_link:ranks=0-{gap},ms={ms},step=4",
+              f"slow_link:ranks={last - gap if pp > 1 else nproc - 3}-{last},ms={ms},step=4"]
+    return [make_drill(s, nproc, jitter_steps=jitter_steps, pp=pp) for s in specs]
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -237,8 +260,9 @@ def drill_command(args) -> None:
     if not args.all and not args.fault:
         raise UserError("drill: pass --fault KIND:rank=R,... (e.g. --fault hang:rank=2,step=6) or --all")
     base = load_config(args.config, args.overrides)
-    drills = (all_drills(args.nproc, args.jitter_steps) if args.all
-              else [make_drill(s, args.nproc, jitter_steps=args.jitter_steps) for s in args.fault])
+    pp = base.parallel.pp
+    drills = (all_drills(args.nproc, args.jitter_steps, pp=pp) if args.all
+              else [make_drill(s, args.nproc, jitter_steps=args.jitter_steps, pp=pp) for s in args.fault])
     if args.repeats > 1:
         drills = [Drill(f"{d.name}-{k}", d.spec, d.expect_kind, d.expect_ranks, d.steps, d.sets)
                   for k in range(args.repeats) for d in drills]

@@ -253,6 +253,34 @@ def test_slow_link_against_sibling_groups():
     assert [(x["kind"], x["ranks"]) for x in f] == [("slow_link", [1, 3])]
 
 
+
+def _pipeline(shortest_ms, wait_ms, n=10, ops=8):
+    """pp=2 x dp=2 states: pp pairs {0,2} and {1,3}; per rank its per-step shortest p2p op
+    and p2p wait (ms) with its stage peer, as the publisher's "pw" entries."""
+    peer = {0: 2, 2: 0, 1: 3, 3: 1}
+    out = {}
+    for r in range(4):
+        pw = [(i + 1, shortest_ms[r] / 1e3, wait_ms[r] / 1e3, ops) for i in range(n)]
+        st = [(i + 1, 0.2, 1000.0 + i * 0.2, 0.0) for i in range(n)]
+        g = _g("pp", sorted((r, peer[r])), 0)
+        g["pw"] = {str(peer[r]): [list(e) for e in pw]}
+        out[r] = _s(r, {f"pp{min(r, peer[r])}": g}, steps=st, step_s=0.2)
+    return out
+
+
+def test_p2p_slow_link_between_pipeline_stages():
+    # ops between 1 and 3 each pay 10 ms on both ends; {0,2} finds data waiting (~0 s)
+    f = find_slow(_pipeline(shortest_ms={0: 0.02, 2: 0.02, 1: 10.1, 3: 10.1}, wait_ms={0: 40, 2: 15, 1: 120, 3: 90}),
+                  ST)
+    assert [(x["kind"], x["ranks"], x["group"]) for x in f] == [("slow_link", [1, 3], "pp")]
+    assert f[0]["evidence"]["ops_per_step"] == 8
+    # a slow stage-1 rank (3) makes 1 wait long, but some op still finds its data: no link
+    assert find_slow(_pipeline(shortest_ms={r: 0.02 for r in range(4)}, wait_ms={0: 40, 2: 15, 1: 140, 3: 3}),
+                     ST) == []
+    # one slow op end only (the other end finds data waiting): not a link either
+    assert find_slow(_pipeline(shortest_ms={0: 0.02, 2: 0.02, 1: 10.1, 3: 0.02}, wait_ms={r: 40 for r in range(4)}),
+                     ST) == []
+
 # ----------------------------------------------------------------------------- drills
 
 
@@ -294,9 +322,10 @@ def test_drills_name_every_fault_on_rank_0_and_rank_3(tmp_path):
 def test_drills_in_a_pipeline_layout(tmp_path):
     """pp=2 x dp_shard=2: a rank hung inside a pipeline recv is a communication hang and
     the job resumes from its pipeline checkpoint; slow ranks are found through the stages'
-    data-parallel collectives and sends. (Whether the hung recv's sender has already moved
+    data-parallel collectives, a slow link between stages through their sends and recvs. (Whether the hung recv's sender has already moved
     on is down to timing here; the rule test above covers that case for certain.)"""
-    faults = ["hang:rank=2,step=6", "slow_compute:rank=1,factor=2,step=4", "delay:rank=3,ms=10,step=4"]
+    faults = ["hang:rank=2,step=6", "slow_compute:rank=1,factor=2,step=4", "delay:rank=3,ms=10,step=4",
+              "slow_link:ranks=1-3,ms=5,step=4"]
     proc = run_cli("drill", "configs/tiny.toml", "--nproc", "4", *[a for f in faults for a in ("--fault", f)],
                    "--set", "parallel.pp=2", "--set", "parallel.dp_shard=2", "--set", f"run.dir={tmp_path}",
                    timeout=600, check=False)
