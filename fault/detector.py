@@ -128,30 +128,36 @@ def _entered_p2p(s: dict, gid: str, peer: int, seq: int) -> bool:
 def find_hangs(states: dict, stale: dict, st: C4Settings) -> dict | None:
     """One hang finding (dict without time fields) or None. `states`: rank -> state
     with ages already advanced to now; `stale`: rank -> seconds since its heartbeat moved."""
-    blocked = []  # (rank, gid, name, what, seq, waited_s, missing)
+    waits = []  # every op a rank sits in wait() for: (rank, gid, name, what, seq, waited_s, missing, members)
+    blocked = []  # ... those waiting longer than their group's threshold: a hang is under way
     for r, s in states.items():
         for gid, g in s["g"].items():
             T = _group_threshold(states, gid, st)
             p = g.get("p")
-            if p and p[2] and p[3] and p[4] > T:
+            if p and p[2] and p[3]:
                 members = g["ranks"]
                 missing = [m for m in members if m != r and m in states and not _entered(states[m], gid, p[0])]
-                blocked.append((r, gid, g["n"], p[1], p[0], p[4], missing, members))
+                waits.append((r, gid, g["n"], p[1], p[0], p[4], missing, members))
+                if p[4] > T:
+                    blocked.append(waits[-1])
             for peer, q in g.get("pp", {}).items():
                 p = q[1]
-                if p and p[2] and p[3] and p[4] > T:
+                if p and p[2] and p[3]:
                     peer = int(peer)
                     missing = [] if peer not in states or _entered_p2p(states[peer], gid, r, p[0]) else [peer]
-                    blocked.append((r, gid, g["n"], p[1], p[0], p[4], missing, [r, peer]))
+                    waits.append((r, gid, g["n"], p[1], p[0], p[4], missing, [r, peer]))
+                    if p[4] > T:
+                        blocked.append(waits[-1])
     if not blocked:
         return None
     waiters = {b[0] for b in blocked}
-    waited_on = {m for b in blocked for m in b[6]}
+    waited_on = _waited_on(blocked, waits)
     dead = sorted(r for r, age in stale.items() if age > st.stale_s and (r in waited_on or any(
         r in b[7] for b in blocked)))
-    sinks = sorted(waited_on - waiters)
+    sinks = sorted(waited_on - {w[0] for w in waits})
+    chain = blocked + [w for w in waits if w[0] in waited_on and w not in blocked]
     evidence = {"waiting": {str(b[0]): {"group": b[2], "op": b[3], "seq": b[4], "waited_s": round(b[5], 2),
-                                        "not_entered": b[6]} for b in blocked}}
+                                        "not_entered": b[6]} for b in chain}}
     onset = max(b[5] for b in blocked)
     if dead:
         evidence["heartbeat_stale_s"] = {str(r): round(stale[r], 2) for r in dead}
@@ -162,7 +168,7 @@ def find_hangs(states: dict, stale: dict, st: C4Settings) -> dict | None:
         evidence["culprit_state"] = {str(r): _describe(states[r]) for r in sinks}
         # a culprit stuck inside a communication call of its own (a p2p recv whose sender
         # moved on, say) hangs in communication, though its peers wait elsewhere
-        waited = {r: min(b[5] for b in blocked if r in b[6]) for r in sinks}
+        waited = {r: min(b[5] for b in chain if r in b[6]) for r in sinks}
         inside = [r for r in sinks if _inside_call_s(states[r]) >= 0.5 * waited[r]]
         if inside == sinks:
             evidence["stuck_inside_call"] = inside
@@ -183,6 +189,23 @@ def find_hangs(states: dict, stale: dict, st: C4Settings) -> dict | None:
                 "why": "every member entered the collective and it does not complete"}
     return {"kind": "hang", "ranks": sorted(waiters), "evidence": evidence, "group": blocked[0][2],
             "since_onset_s": onset, "why": "ranks wait for each other in different collectives (a cycle)"}
+
+
+def _waited_on(blocked: list, waits: list) -> set:
+    """The ranks the blocked ones wait for, followed through ranks that are waiting
+    themselves (for however short a time: each link of the chain started waiting a little
+    later than the one before it)."""
+    missing_of: dict = {}
+    for w in waits:
+        missing_of.setdefault(w[0], []).extend(w[6])
+    seen: set = set()
+    todo = [m for b in blocked for m in b[6]]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += missing_of.get(m, [])
+    return seen
 
 
 def _stuck_inside(s: dict, gid: str, seq: int, peer_of_p2p: int) -> bool:
@@ -213,11 +236,9 @@ def _inside_call_s(s: dict) -> float:
 def _describe(s: dict) -> dict:
     out = {"step": s.get("step"), "phase": s.get("phase")}
     for name, p in _pending_ops(s):
-        if not p[2]:
-            out["held_before"] = f"{name}#{p[0]} {p[1]} for {p[4]:.2f}s"
-        elif not p[3]:
-            out["inside"] = f"{name}#{p[0]} {p[1]} for {p[4]:.2f}s"
-    if not out.keys() & {"held_before", "inside"}:
+        what = f"{name}#{p[0]} {p[1]} for {p[4]:.2f}s"
+        out["waiting_in" if p[3] else "inside" if p[2] else "held_before"] = what
+    if not out.keys() & {"held_before", "inside", "waiting_in"}:
         out["doing"] = "outside any collective (compute or host code)"
     return out
 

@@ -116,7 +116,7 @@ def all_drills(nproc: int, jitter_steps: int = 40, pp: int = 1) -> list[Drill]:
     ms = 5 if nproc <= 4 else 20  # more ranks per core: noisier waits, a link must be slower to stand out
     gap = _first_link(nproc, pp)
     specs += [f"slow_link:ranks=0-{gap},ms={ms},step=4",
-              f"slow_link:ranks={last - gap if pp > 1 else nproc - 3}-{last},ms={ms},step=4"]
+              f"slow_link:ranks={last - gap}-{last},ms={ms},step=4"]
     return [make_drill(s, nproc, jitter_steps=jitter_steps, pp=pp) for s in specs]
 
 

@@ -196,6 +196,23 @@ def test_p2p_hang_inside_a_recv_is_a_communication_hang():
     states[1]["g"]["p"]["pp"]["0"][1][4] = 0.01  # only just entered: passing through, 1 is late
     assert find_hangs(states, {0: 0.1, 1: 0.1}, ST)["kind"] == "non_comm_hang"
 
+def test_chain_is_followed_through_ranks_waiting_below_the_threshold():
+    # pp=2 x dp_shard=2 (pp pairs {0,2}, {1,3}; dp pairs {0,1}, {2,3}): 2 hangs inside its
+    # recv #47 from 0; 1 waits (past the threshold) on 3, which has waited a little less
+    # long, in the dp all-gather that 2 never entered. The culprit is 2, not 3.
+    states = {
+        0: _s(0, {"p0": _g("pp", [0, 2], 0, pp={"2": [46, [47, "send", 1, 1, 1.51]]}), "d0": _g("dp", [0, 1], 30)}),
+        1: _s(1, {"p1": _g("pp", [1, 3], 0, pp={"3": [47, [48, "send", 1, 1, 1.54]]}), "d0": _g("dp", [0, 1], 30)}),
+        2: _s(2, {"p0": _g("pp", [0, 2], 0, pp={"0": [46, [47, "recv", 1, 0, 1.56]]}), "d1": _g("dp", [2, 3], 30)}),
+        3: _s(3, {"p1": _g("pp", [1, 3], 0, pp={"1": [47, None]}),
+                  "d1": _g("dp", [2, 3], 30, [31, "allgather", 1, 1, 1.44])}),
+    }
+    f = find_hangs(states, {r: 0.1 for r in states}, ST)
+    assert f["kind"] == "hang" and f["ranks"] == [2], f
+    assert f["evidence"]["waiting"]["3"] == {"group": "dp", "op": "allgather", "seq": 31, "waited_s": 1.44,
+                                             "not_entered": [2]}
+
+
 def _steps(waits_by_rank, step_s=0.1):
     """States for one 4-rank group from per-rank per-step waits (steps 1..n)."""
     W = sorted(waits_by_rank)
@@ -321,11 +338,11 @@ def test_drills_name_every_fault_on_rank_0_and_rank_3(tmp_path):
 @pytest.mark.slow
 def test_drills_in_a_pipeline_layout(tmp_path):
     """pp=2 x dp_shard=2: a rank hung inside a pipeline recv is a communication hang and
-    the job resumes from its pipeline checkpoint; slow ranks are found through the stages'
-    data-parallel collectives, a slow link between stages through their sends and recvs. (Whether the hung recv's sender has already moved
+    the job resumes from its pipeline checkpoint; a slow first-stage rank is named alone
+    (the stage-1 rank it delays waited in its recvs), a slow link between stages is found
+    through their sends and recvs. (Whether the hung recv's sender has already moved
     on is down to timing here; the rule test above covers that case for certain.)"""
-    faults = ["hang:rank=2,step=6", "slow_compute:rank=1,factor=2,step=4", "delay:rank=3,ms=10,step=4",
-              "slow_link:ranks=1-3,ms=5,step=4"]
+    faults = ["hang:rank=2,step=6", "delay:rank=0,ms=10,step=4", "slow_link:ranks=1-3,ms=5,step=4"]
     proc = run_cli("drill", "configs/tiny.toml", "--nproc", "4", *[a for f in faults for a in ("--fault", f)],
                    "--set", "parallel.pp=2", "--set", "parallel.dp_shard=2", "--set", f"run.dir={tmp_path}",
                    timeout=600, check=False)
