@@ -104,25 +104,19 @@ def _group_threshold(states: dict, gid: str, st: C4Settings) -> float:
     return T
 
 
+def _reached(done: int, pending, seq: int) -> bool:
+    """Op `seq` completed, or is the pending op and entered."""
+    return done >= seq or bool(pending and pending[0] == seq and pending[2])
+
+
 def _entered(s: dict, gid: str, seq: int) -> bool:
     g = s["g"].get(gid)
-    if g is None:
-        return False
-    if g["done"] >= seq:
-        return True
-    p = g.get("p")
-    return bool(p and p[0] == seq and p[2])
+    return g is not None and _reached(g["done"], g.get("p"), seq)
 
 
 def _entered_p2p(s: dict, gid: str, peer: int, seq: int) -> bool:
-    g = s["g"].get(gid)
-    q = (g or {}).get("pp", {}).get(str(peer))
-    if q is None:
-        return False
-    if q[0] >= seq:
-        return True
-    p = q[1]
-    return bool(p and p[0] == seq and p[2])
+    q = s["g"].get(gid, {}).get("pp", {}).get(str(peer))
+    return q is not None and _reached(q[0], q[1], seq)
 
 
 def find_hangs(states: dict, stale: dict, st: C4Settings) -> dict | None:
@@ -297,14 +291,14 @@ def find_slow(states: dict, st: C4Settings) -> list[dict]:
             if len(members) != 2:
                 continue
             others = statistics.median([t for g2, _, t, _ in sib if g2 != gid])
-            step_s = statistics.median([step_time[m][x][1] for m in members for x in window if x in step_time[m]])
+            step_s = _window_step_s(step_time, members, window)
+            if step_s is None:
+                continue
             if tr >= st.link_factor * max(others, 1e-6) and tr - others >= st.link_ratio * step_s:
-                t0 = [step_time[members[0]][x][2] for x in window if x in step_time[members[0]]]
-                links.append({"kind": "slow_link", "ranks": sorted(members), "group": name, "evidence": {
-                    "op_time_after_both_entered_s": round(tr, 4), "sibling_groups_s": round(others, 4),
-                    "step_s": round(step_s, 4)}, "window": window, "step": window[-1],
-                    "onset_wall": (t0[0] - step_s) if t0 else None,
-                    "why": "ops between this pair are consistently slow while sibling groups are normal"})
+                links.append(_link_finding(sorted(members), name, {
+                    "op_time_after_both_entered_s": round(tr, 4), "sibling_groups_s": round(others, 4)},
+                    step_time, window, step_s,
+                    "ops between this pair are consistently slow while sibling groups are normal"))
     links += _p2p_links(states, step_time, st)
     in_links = {r for f in links for r in f["ranks"]}
     return links + [f for r, f in sorted(ranks_out.items()) if r not in in_links]
@@ -343,16 +337,29 @@ def _p2p_links(states: dict, step_time: dict, st: C4Settings) -> list[dict]:
         if not others:
             continue
         base = statistics.median(others)
-        step_s = statistics.median([step_time[m][x][1] for m in (a, b) for x in window if x in step_time[m]]
-                                   or [0.0])
+        step_s = _window_step_s(step_time, [a, b], window)
+        if step_s is None:
+            continue
         if tr >= st.link_factor * max(base, 1e-4) and (tr - base) * ops >= st.link_ratio * step_s:
-            t0 = [step_time[a][x][2] for x in window if x in step_time[a]]
-            links.append({"kind": "slow_link", "ranks": [a, b], "group": name, "evidence": {
-                "shortest_op_s": round(tr, 4), "sibling_pairs_s": round(base, 4), "ops_per_step": ops,
-                "step_s": round(step_s, 4)}, "window": window, "step": window[-1],
-                "onset_wall": (t0[0] - step_s) if t0 else None,
-                "why": "every point-to-point op between this pair is slow while sibling pairs are normal"})
+            links.append(_link_finding([a, b], name, {
+                "shortest_op_s": round(tr, 4), "sibling_pairs_s": round(base, 4), "ops_per_step": ops},
+                step_time, window, step_s,
+                "every point-to-point op between this pair is slow while sibling pairs are normal"))
     return links
+
+
+def _window_step_s(step_time: dict, ranks: list, window: list) -> float | None:
+    """Median step time of `ranks` over the steps of `window` (None: no step timed there)."""
+    times = [step_time[m][x][1] for m in ranks for x in window if x in step_time[m]]
+    return statistics.median(times) if times else None
+
+
+def _link_finding(ranks: list, group: str, evidence: dict, step_time: dict, window: list, step_s: float,
+                  why: str) -> dict:
+    """A slow_link finding; its onset is the start of the window's first step."""
+    t0 = [step_time[ranks[0]][x][2] for x in window if x in step_time[ranks[0]]]
+    return {"kind": "slow_link", "ranks": ranks, "group": group, "evidence": {**evidence, "step_s": round(step_s, 4)},
+            "window": window, "step": window[-1], "onset_wall": (t0[0] - step_s) if t0 else None, "why": why}
 
 
 # ----------------------------------------------------------------------------- watcher

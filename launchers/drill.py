@@ -54,19 +54,22 @@ def link_layout(nproc: int) -> dict:
     return {"parallel.tp": 2, "parallel.dp_shard": 2, "parallel.dp_replicate": nproc // 4}
 
 
+def _link_gap(nproc: int, pp: int) -> int:
+    """A slow_link drill's pair is (r, r + gap): with a pipeline, adjacent stages (the same
+    position in stage s and s + 1, the mesh's pp dim being outermost); without one, the
+    dp_shard pairs of `link_layout` (also r % 4 in (0, 1))."""
+    return nproc // pp if pp > 1 else 2
+
+
 def link_pairs(nproc: int, pp: int) -> str:
-    """The pairs a slow_link drill may name: with a pipeline, adjacent stages (the same
-    position in stage s and s + 1: ranks r and r + nproc / pp, the mesh's pp dim being
-    outermost); without one, the dp_shard pairs of `link_layout`."""
+    gap = _link_gap(nproc, pp)
     if pp > 1:
-        return f"(r, r+{nproc // pp}) for r < {nproc - nproc // pp} (adjacent pipeline stages)"
-    return "(r, r+2) with r % 4 in (0, 1)"
+        return f"(r, r+{gap}) for r < {nproc - gap} (adjacent pipeline stages)"
+    return f"(r, r+{gap}) with r % 4 in (0, 1)"
 
 
 def _is_link_pair(a: int, b: int, nproc: int, pp: int) -> bool:
-    if pp > 1:
-        return b - a == nproc // pp
-    return b - a == 2 and a % 4 <= 1
+    return b - a == _link_gap(nproc, pp) and (pp > 1 or a % 4 <= 1)
 
 
 def make_drill(spec: str, nproc: int, tag: str = "", jitter_steps: int = 40, pp: int = 1) -> Drill:
@@ -96,13 +99,9 @@ def make_drill(spec: str, nproc: int, tag: str = "", jitter_steps: int = 40, pp:
         if not _is_link_pair(a, b, nproc, pp):
             layout = f"pp={pp}" if pp > 1 else "tp=2 x dp_shard=2"
             raise UserError(f"--fault {spec}: in the drill layout ({layout}) the linked pairs are "
-                            f"{link_pairs(nproc, pp)}, e.g. ranks=0-{_first_link(nproc, pp)}")
+                            f"{link_pairs(nproc, pp)}, e.g. ranks=0-{_link_gap(nproc, pp)}")
     slug = spec.replace(":", "-").replace(",", "-").replace("=", "")
     return Drill(f"{slug}{tag}", spec, expect, list(inj.targets) if expect else [], steps, sets)
-
-
-def _first_link(nproc: int, pp: int) -> int:
-    return nproc // pp if pp > 1 else 2
 
 
 def all_drills(nproc: int, jitter_steps: int = 40, pp: int = 1) -> list[Drill]:
@@ -114,7 +113,7 @@ def all_drills(nproc: int, jitter_steps: int = 40, pp: int = 1) -> list[Drill]:
                   f"hang:rank={r},step=6", f"hang:rank={r},step=6,where=compute", f"sigstop:rank={r},step=6",
                   f"crash:rank={r},step=6"]
     ms = 5 if nproc <= 4 else 20  # more ranks per core: noisier waits, a link must be slower to stand out
-    gap = _first_link(nproc, pp)
+    gap = _link_gap(nproc, pp)
     specs += [f"slow_link:ranks=0-{gap},ms={ms},step=4",
               f"slow_link:ranks={last - gap}-{last},ms={ms},step=4"]
     return [make_drill(s, nproc, jitter_steps=jitter_steps, pp=pp) for s in specs]

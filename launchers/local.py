@@ -97,7 +97,7 @@ def c4_watch(port: int, nproc: int, sigstops=(), enabled: bool = True):
 
     os.environ[DETECTOR_ENV] = "launcher"
     os.environ[STORE_ENV] = f"127.0.0.1:{port}"  # the rendezvous store this launcher hosts
-    holder: dict = {}
+    watcher = Watcher(None, nproc, sigstops=list(sigstops))
     stop = threading.Event()
 
     def run():
@@ -109,11 +109,9 @@ def c4_watch(port: int, nproc: int, sigstops=(), enabled: bool = True):
                 stop.wait(0.2)
         else:
             return
-        w = holder["w"]
-        w.store = store
-        w.run(stop)
+        watcher.store = store
+        watcher.run(stop)
 
-    watcher = holder["w"] = Watcher(None, nproc, sigstops=list(sigstops))
     handler = _ExitLog(watcher)
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addHandler(handler)
     thread = threading.Thread(target=run, name="c4-detector", daemon=True)
