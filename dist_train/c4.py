@@ -1,11 +1,12 @@
 """Glue between the trainer and `dist_train.fault`: build a rank's C4 monitor from the config.
 
 Kept out of trainer.py so the trainer only calls `step_begin`/`step_end`/`busy`/`close`;
-with `[c4] enabled = false` and no `[fault]` injections nothing is built and a step
-costs nothing extra.
+with `[c4] enabled = false` and no `[fault]` injections it gets a `NullMonitor` and a
+step costs nothing extra.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from datetime import timedelta
@@ -23,10 +24,29 @@ def settings_of(cfg: Config):
     return C4Settings.from_dict({k: v for k, v in dataclasses.asdict(cfg.c4).items() if k != "enabled"})
 
 
+class NullMonitor:
+    """What the trainer holds when C4 is off and nothing is injected: every call a no-op."""
+
+    findings_count = None  # no `c4_findings` in the metrics
+
+    def step_begin(self, step: int) -> None:
+        pass
+
+    def step_end(self, step: int, step_time: float) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def busy(self, what: str):
+        yield
+
+    def close(self) -> None:
+        pass
+
+
 def start_monitor(cfg: Config, env, recorder, device, log):
-    """The rank's Monitor, or None when C4 is off and nothing is injected (or one rank)."""
+    """The rank's Monitor, or a NullMonitor when C4 is off and nothing is injected."""
     if not (cfg.c4.enabled or cfg.fault.inject):
-        return None
+        return NullMonitor()
     from dist_train.fault.publisher import Monitor
 
     store = None
@@ -55,20 +75,3 @@ def start_monitor(cfg: Config, env, recorder, device, log):
                    attempt=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), run_dir=str(cfg.run_dir),
                    settings=settings_of(cfg), injections=cfg.fault.inject, publish=publish,
                    detect_here=publish and mode == "ranks", health=health)
-
-
-def launcher_faults(cfgs: list[Config], nproc: int) -> tuple[bool, list]:
-    """What the launcher must do for these runs: run the detector (any run has C4 on), and
-    which SIGSTOP faults it sends itself ((run dir, Injection) pairs)."""
-    from dist_train.fault.inject import InjectError, parse_specs
-
-    from .errors import ConfigError
-
-    sigstops = []
-    for cfg in cfgs:
-        try:
-            injections = parse_specs(cfg.fault.inject, nproc)
-        except InjectError as e:
-            raise ConfigError(f"fault.inject: {e}") from None
-        sigstops += [(str(cfg.run_dir), i) for i in injections if i.kind == "sigstop"]
-    return any(cfg.c4.enabled for cfg in cfgs), sigstops

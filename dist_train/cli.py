@@ -59,22 +59,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _local(args) -> None:
-    from dist_train.data import ensure_prepared
-    from dist_train.launchers.local import launch_local
+    from dist_train.launchers.local import LocalJob
 
     from .config import load_runs
-    from .trainer import check_run_dir, parallel_dims
+    from .layout import preflight
 
-    cfgs = load_runs(args.config, args.overrides, args.runs)  # fail here, once, before any rank starts
-    for cfg in cfgs:
-        parallel_dims(cfg, args.nproc, args.nproc // args.nodes if args.nodes > 0 else None)
-        check_run_dir(cfg)
-        ensure_prepared(cfg.data.source, cfg.data.cache_dir or None, cfg.data.tokenizer)
-    from .c4 import launcher_faults
-
-    c4, sigstops = launcher_faults(cfgs, args.nproc)
-    launch_local(args.config, args.overrides, args.nproc, args.nodes, args.max_restarts, args.runs,
-                 c4=c4, sigstops=sigstops)
+    # fail here, once, before any rank starts (and prepare the data once)
+    plan = preflight(load_runs(args.config, args.overrides, args.runs), args.nproc, args.nodes)
+    LocalJob(args.config, args.overrides, args.nproc, args.nodes, args.max_restarts, args.runs, plan).run()
 
 
 def _prepare(args) -> None:

@@ -3,7 +3,7 @@
 Every field is declared once below (type, default, allowed range or choices, help), so
 loading, overriding, validating and writing the resolved config share one table. Errors
 name the field and say how to fix it. Checks that need the world size (mesh product,
-batch divisibility) live in `validate_for_world`.
+batch divisibility) live in dist_train/layout.py.
 """
 from __future__ import annotations
 
@@ -73,12 +73,15 @@ class TrainSection:
     steps: int = _f(50, "optimizer steps", min=1)
     global_batch: int = _f(16, "samples per optimizer step over all data-parallel ranks", min=1)
     micro_batch: int = _f(2, "samples per forward/backward on one rank", min=1)
+    optimizer: str = _f("adamw", "optimizer: AdamW (betas, weight decay decoupled) or plain SGD (momentum)",
+                        choices=("adamw", "sgd"))
     lr: float = _f(3e-3, "peak learning rate", min=0.0)
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr (cosine decay)", min=0.0, max=1.0)
     warmup: int = _f(5, "linear warm-up steps", min=0)
-    weight_decay: float = _f(0.1, "AdamW weight decay (matrices only)", min=0.0)
+    weight_decay: float = _f(0.1, "weight decay on matrices (AdamW: decoupled; SGD: L2)", min=0.0)
     beta1: float = _f(0.9, "AdamW beta1", min=0.0, max=1.0)
     beta2: float = _f(0.95, "AdamW beta2", min=0.0, max=1.0)
+    momentum: float = _f(0.0, "SGD momentum (train.optimizer = 'sgd')", min=0.0, max=1.0)
     grad_clip: float = _f(1.0, "global gradient-norm clip; 0 = off", min=0.0)
     dtype: str = _f("auto", "compute dtype; auto = fp32 on CPU, bf16 on GPU", choices=("auto", "fp32", "bf16"))
     activation_checkpoint: bool = _f(False, "recompute each block's activations in backward, per micro-batch")

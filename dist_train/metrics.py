@@ -1,5 +1,11 @@
 """`metrics.jsonl`: one JSON object per optimizer step, written once per job (rank 0).
 
+Each rank's numbers for a step are a `StepStats`: named columns (and named blocks, such
+as the MoE layer's) packed into one float64 vector, so the trainer reduces all of them
+over ranks with one all-gather. `MetricsLog` issues that all-gather async and waits for
+it after the next step's compute, so metrics add no synchronisation point; before a
+checkpoint it is flushed, so `metrics.jsonl` holds every step a checkpoint holds.
+
 On resume the steps after the checkpoint are redone, so their old lines are moved to
 `metrics.discarded.jsonl` rather than deleted: nothing written is lost, and
 `metrics.jsonl` stays one line per step in order.
@@ -10,12 +16,148 @@ import json
 import os
 import resource
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from .errors import UserError
 
 COMM_KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "send_recv")
+COMM_FIELDS = ("count", "bytes")
+GROUP_FIELDS = ("count", "bytes", "wire_bytes")
+
+
+class StepStats:
+    """One rank's numbers for one step as named blocks of floats. Every rank adds the same
+    blocks in the same order (the schema follows from the config), so the vectors line
+    up in the all-gather; `GatheredStats` reads them back by name."""
+
+    def __init__(self):
+        self.blocks: dict[str, int] = {}  # name -> width
+        self.values: list[float] = []
+
+    def add(self, name: str, *values: float) -> None:
+        """A named block; one value makes a column."""
+        self.blocks[name] = len(values)
+        self.values.extend(float(v) for v in values)
+
+    def add_comm(self, kinds: dict, groups: dict, group_names) -> None:
+        """The step's collectives: (count, bytes) per kind, and (count, bytes, wire bytes)
+        per mesh group name in `group_names` (every rank lists the same names)."""
+        for kind in COMM_KINDS:
+            for f in COMM_FIELDS:
+                self.add(f"comm.{kind}.{f}", kinds.get(kind, {}).get(f, 0))
+        for name in group_names:
+            for f in GROUP_FIELDS:
+                self.add(f"comm_by_dim.{name}.{f}", groups.get(name, {}).get(f, 0))
+
+    def gather(self, background) -> "PendingStats":
+        """Start the all-gather over the world; `background` is the recorder's context that
+        keeps it out of the step's counts and out of C4's stuck ops until it is waited."""
+        import torch.distributed as dist
+
+        mine = torch.tensor(self.values, dtype=torch.float64)
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return PendingStats(None, [mine], dict(self.blocks))
+        rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        with background():
+            work = dist.all_gather(rows, mine, async_op=True)
+        return PendingStats(work, rows, dict(self.blocks))
+
+
+class PendingStats:
+    """A step's stats on their way: the all-gather in flight."""
+
+    def __init__(self, work, rows: list, blocks: dict[str, int]):
+        self.work, self.rows, self.blocks = work, rows, blocks
+
+    def wait(self) -> "GatheredStats":
+        if self.work is not None:
+            self.work.wait()
+        return GatheredStats(torch.stack(self.rows), self.blocks)
+
+
+class GatheredStats:
+    """Every rank's `StepStats` of one step, read by block name."""
+
+    def __init__(self, table: torch.Tensor, blocks: dict[str, int]):
+        self._table = table
+        self._where: dict[str, slice] = {}
+        start = 0
+        for name, width in blocks.items():
+            self._where[name] = slice(start, start + width)
+            start += width
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def block(self, name: str) -> torch.Tensor:
+        """(ranks, width) values of a block."""
+        return self._table[:, self._where[name]]
+
+    def column(self, name: str) -> torch.Tensor:
+        """(ranks,) values of a one-value block."""
+        return self.block(name).reshape(-1)
+
+    def total(self, name: str) -> int:
+        return int(self.column(name).sum())
+
+    def comm(self) -> dict:
+        """The `comm` record: per kind, summed over ranks."""
+        return {kind: {f: self.total(f"comm.{kind}.{f}") for f in COMM_FIELDS} for kind in COMM_KINDS}
+
+    def comm_by_dim(self) -> dict:
+        """The `comm_by_dim` record: per mesh group name, summed over ranks (groups idle
+        this step left out)."""
+        names = [n[len("comm_by_dim."):-len(".count")] for n in self._where
+                 if n.startswith("comm_by_dim.") and n.endswith(".count")]
+        out = {name: {f: self.total(f"comm_by_dim.{name}.{f}") for f in GROUP_FIELDS} for name in names}
+        return {name: c for name, c in out.items() if c["count"]}
+
+
+class MetricsLog:
+    """The trainer's per-step metrics: `submit` a step's stats (their gather starts, the
+    previous step's is finished and written), `flush` before a checkpoint. A context:
+    leaving it flushes and closes the writer. Every rank takes part (the gather needs
+    all); rank 0 writes (`writer`) and shows the progress bar."""
+
+    def __init__(self, build_record: Callable[[int, GatheredStats, dict], dict], writer: "MetricsWriter | None",
+                 progress=None, log_every: int = 1, last_step: int = 0):
+        self.build_record, self.writer, self.progress = build_record, writer, progress
+        self.log_every, self.last_step = log_every, last_step
+        self._pending = None  # (step, PendingStats, local fields)
+
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                self.flush()
+        finally:
+            if self.progress is not None:
+                self.progress.close()
+            if self.writer is not None:
+                self.writer.close()
+
+    def submit(self, step: int, stats: StepStats, background, **local) -> None:
+        """This step's stats (their gather starts now) and its local fields (lr, grad norm)."""
+        pending = (step, stats.gather(background), local)
+        self.flush()
+        self._pending = pending
+
+    def flush(self) -> None:
+        """Wait for the step in flight and write its record."""
+        if self._pending is None:
+            return
+        step, stats, local = self._pending
+        self._pending = None
+        record = self.build_record(step, stats.wait(), local)
+        if self.writer is not None and (step % self.log_every == 0 or step == self.last_step):
+            self.writer.write(record)
+        if self.progress is not None:
+            self.progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            self.progress.update(1)
 
 
 def peak_memory_bytes(device: torch.device) -> int:

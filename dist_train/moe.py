@@ -252,11 +252,11 @@ def set_aux_grad_scale(parts, scale: float, pipelined: bool = False) -> None:
 A2A_KEYS = ("messages", "bytes", "cross_node_messages", "cross_node_bytes")
 
 
-def stats_vector(parts, layer_ids: list[int], n_experts: int, a2a: dict) -> list[float]:
-    """This rank's MoE numbers since the last call, as a fixed-length list (the same on every
-    rank, so the trainer can reduce it with its one per-step all-gather): tokens per expert
-    for each MoE layer (zeros for layers held elsewhere), dropped copies, aux and z-loss
-    sums, then the all-to-all counts. Resets the layers' stats."""
+def add_stats(stats, parts, layer_ids: list[int], n_experts: int, a2a: dict) -> None:
+    """This rank's MoE numbers since the last call, as named blocks of the step's
+    `StepStats` (the same blocks on every rank): tokens per expert for each MoE layer
+    (zeros for layers held elsewhere), dropped copies, aux and z-loss sums, the
+    all-to-all counts. Resets the layers' stats."""
     load = torch.zeros(len(layer_ids), n_experts, dtype=torch.float64)
     dropped = aux = z = 0.0
     for part in parts:
@@ -267,20 +267,23 @@ def stats_vector(parts, layer_ids: list[int], n_experts: int, a2a: dict) -> list
                 load[layer_ids.index(int(key))] += s.load
                 dropped, aux, z = dropped + s.dropped, aux + s.aux, z + s.z
                 s.reset()
-    return load.view(-1).tolist() + [dropped, aux, z] + [float(a2a.get(k, 0)) for k in A2A_KEYS]
+    stats.add("moe.load", *load.view(-1).tolist())
+    stats.add("moe.dropped", dropped)
+    stats.add("moe.aux", aux)
+    stats.add("moe.z", z)
+    for k in A2A_KEYS:
+        stats.add(f"moe.a2a.{k}", a2a.get(k, 0))
 
 
-def stats_record(summed: torch.Tensor, layer_ids: list[int], n_experts: int, micro_batches: int) -> dict:
-    """The "moe" entry of metrics.jsonl from `stats_vector` summed over ranks. Losses are
+def stats_record(gathered, layer_ids: list[int], n_experts: int, micro_batches: int) -> dict:
+    """The "moe" entry of metrics.jsonl from every rank's `add_stats` blocks. Losses are
     unweighted, summed over MoE layers and averaged over the step's micro-batches (all
     data-parallel ranks), like the loss; all-to-all counts are this step's, all ranks."""
-    n = len(layer_ids) * n_experts
-    v = summed.tolist()
-    load, (dropped, aux, z), a2a = v[:n], v[n:n + 3], v[n + 3:]
+    load = gathered.block("moe.load").sum(0).view(len(layer_ids), n_experts)
     return {
-        "load": {str(l): [int(x) for x in load[i * n_experts:(i + 1) * n_experts]] for i, l in enumerate(layer_ids)},
-        "dropped_tokens": int(dropped),
-        "aux_loss": aux / micro_batches,
-        "z_loss": z / micro_batches,
-        "a2a": {k: int(x) for k, x in zip(A2A_KEYS, a2a)},
+        "load": {str(layer): [int(x) for x in row] for layer, row in zip(layer_ids, load.tolist())},
+        "dropped_tokens": gathered.total("moe.dropped"),
+        "aux_loss": float(gathered.column("moe.aux").sum()) / micro_batches,
+        "z_loss": float(gathered.column("moe.z").sum()) / micro_batches,
+        "a2a": {k: gathered.total(f"moe.a2a.{k}") for k in A2A_KEYS},
     }

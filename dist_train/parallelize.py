@@ -1,9 +1,17 @@
-"""Apply the parallelisms to the model in TorchTitan's fixed order, each with the mesh it
-needs: pipeline split (pp), tensor + sequence parallel (tp), expert parallel (ep, experts
-then FSDP-sharded over the ranks holding the same experts), sharded data parallel
-(dp_shard / dp_replicate). Returns what the trainer steps and checkpoints."""
+"""How the Llama-style model (model.py, moe.py) is parallelised: the plans that name its
+modules, applied in TorchTitan's fixed order, each with the mesh it needs: pipeline split
+(pp), tensor + sequence parallel (tp), expert parallel (ep, experts then FSDP-sharded over
+the ranks holding the same experts), sharded data parallel (dp_shard / dp_replicate).
+
+`dist_train.parallel` holds the mechanisms (dims, FSDP, TP styles and the vocab-parallel
+loss, schedules, all-to-all plans, the expert dispatcher) and knows no model; this module
+is where the model's names (`tok_embeddings`, `layers`, `attention.wq`, `feed_forward`,
+`norm`, `output`) meet them, as TorchTitan keeps `parallelize_llama` beside its model.
+The layout was checked before (dist_train/layout.py); nothing here re-checks it.
+"""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -11,56 +19,17 @@ import torch.nn as nn
 
 from dist_train.parallel.data_parallel import apply_fsdp, dp_mesh_for
 from dist_train.parallel.dims import ParallelDims
-from dist_train.parallel.expert_parallel import apply_ep, expert_meshes, shard_experts
+from dist_train.parallel.expert_parallel import (ExpertDispatcher, expert_meshes, fully_shard_experts,
+                                                 shard_expert_weights)
 from dist_train.parallel.hierarchical_all_to_all import Topology, build_topology
-from dist_train.parallel.pipeline import (LocalModel, build_schedule, make_stages, plan_stages,
-                                          prune_to_stage)
-from dist_train.parallel.tensor_parallel import apply_tp, check_tp_shapes
+from dist_train.parallel.pipeline import StagePlan, build_schedule, make_stages, plan_stages
+from dist_train.parallel.tensor_parallel import vocab_parallel_loss
 
-from .config import Config, ConfigError
+from .config import Config
 from .distributed import RankEnv
+from .layout import is_pipelined
 from .model import ModelArgs, Transformer, init_weights
-
-
-def is_pipelined(cfg: Config, dims: ParallelDims) -> bool:
-    """Pipeline stages are used for pp > 1, and for layered accumulation at any pp."""
-    return dims.pp > 1 or cfg.parallel.pp_schedule == "layered"
-
-
-def check_pipeline(cfg: Config, dims: ParallelDims, n_micro: int) -> None:
-    if not is_pipelined(cfg, dims):
-        return
-    plan_stages(cfg.model.n_layers, dims.pp, cfg.parallel.pp_schedule)  # raises with the fix
-    if cfg.model.tie_embeddings:
-        raise ConfigError("model.tie_embeddings = true cannot be used with pipeline stages (parallel.pp > 1 or "
-                          "pp_schedule = 'layered'): the embedding and the head sit on different stages; "
-                          "set model.tie_embeddings = false")
-    if n_micro < dims.pp:
-        raise ConfigError(f"each data-parallel rank runs {n_micro} micro-batch(es) per step, fewer than "
-                          f"parallel.pp = {dims.pp} pipeline stages; raise train.global_batch or lower "
-                          "train.micro_batch")
-
-
-def check_moe(cfg: Config, dims: ParallelDims, local_world_size: int | None) -> None:
-    """Expert-parallel settings that cannot work, named with their fix."""
-    m, p = cfg.model, cfg.parallel
-    if dims.ep > 1 and not m.moe_experts:
-        raise ConfigError(f"parallel.ep = {dims.ep} needs mixture-of-experts layers: set model.moe_experts "
-                          "(a multiple of ep), or parallel.ep = 1")
-    if m.moe_experts and m.moe_experts % dims.ep:
-        raise ConfigError(f"model.moe_experts = {m.moe_experts} is not divisible by parallel.ep = {dims.ep} "
-                          "(each expert-parallel rank holds the same number of experts); choose ep dividing "
-                          f"{m.moe_experts}, or a multiple of ep experts")
-    if p.a2a == "hierarchical" and dims.ep > 1 and local_world_size:
-        if dims.world_size % local_world_size:
-            raise ConfigError(f"parallel.a2a = 'hierarchical': {dims.world_size} ranks do not split into nodes of "
-                              f"{local_world_size} (LOCAL_WORLD_SIZE); launch whole nodes or set parallel.a2a = 'flat'")
-        # ep groups are blocks of ep consecutive ranks (parallel/expert_parallel.py): every group must
-        # split into nodes the same way
-        if dims.ep % local_world_size and local_world_size % dims.ep:
-            raise ConfigError(f"parallel.a2a = 'hierarchical' with parallel.ep = {dims.ep} on nodes of "
-                              f"{local_world_size} ranks (LOCAL_WORLD_SIZE): ep must be a multiple or a divisor "
-                              "of the ranks per node; change parallel.ep or --nodes, or set parallel.a2a = 'flat'")
+from .moe import MoE, moe_layers
 
 
 @dataclass
@@ -79,9 +48,6 @@ def parallelize(args: ModelArgs, cfg: Config, dims: ParallelDims, mesh, device: 
                 param_dtype, n_micro: int) -> Parallelized:
     with torch.device("meta"):
         model = Transformer(args)
-    if dims.tp > 1:
-        check_tp_shapes(dims.tp, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads, ffn_dim=args.ffn_dim,
-                        vocab_size=args.vocab_size)
     schedule_name = cfg.parallel.pp_schedule
     pipelined = is_pipelined(cfg, dims)
     if pipelined:
@@ -107,8 +73,9 @@ def parallelize(args: ModelArgs, cfg: Config, dims: ParallelDims, mesh, device: 
         if topo is not None:
             apply_ep(part, ep_mesh, topo)
         if moe_sharded:
-            shard_experts(part, edp_mesh, dims.dp_size, param_dtype=param_dtype,
-                          reshard_after_forward=not (pipelined and schedule_name == "layered"))
+            for moe in moe_layers(part):
+                fully_shard_experts(moe.experts, edp_mesh, dims.dp_size, param_dtype=param_dtype,
+                                    reshard_after_forward=not (pipelined and schedule_name == "layered"))
         if dp_mesh is not None:
             _shard(part, dp_mesh, pipelined, schedule_name, param_dtype)
         part.to_empty(device=device)
@@ -121,6 +88,121 @@ def parallelize(args: ModelArgs, cfg: Config, dims: ParallelDims, mesh, device: 
     schedule = build_schedule(schedule_name, stages, n_micro, loss_fn=lambda h, t: last_part.loss(h, t))
     return Parallelized(view, parts, schedule, first=0 in stage_ids, last=plan.num_stages - 1 in stage_ids,
                         pp_group=pp_mesh.get_group(), stage_ids=stage_ids, ep_topology=topo)
+
+
+# ----------------------------------------------------------------------------- pipeline stages
+
+
+def prune_to_stage(model: Transformer, plan: StagePlan, stage: int) -> Transformer:
+    """A copy of `model` (on the meta device) holding only `stage`'s part: its blocks, the
+    embedding on the first stage, the final norm and the fused head + loss on the last.
+    Parameter names (and checkpoints) stay those of the whole model."""
+    part = copy.deepcopy(model)
+    keep = {str(i) for i in plan.stage_layers[stage]}
+    for name in list(part.layers.keys()):
+        if name not in keep:
+            del part.layers[name]
+    if stage != 0:
+        part.tok_embeddings = None
+    if stage != plan.num_stages - 1:
+        part.norm = None
+        part.output = None
+    return part
+
+
+class LocalModel(nn.Module):
+    """All stages this rank holds, under the whole model's attribute names, so the
+    optimizer and the checkpoint see one module with the usual parameter names."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = parts  # a plain list: not registered twice
+        self.tok_embeddings = next((p.tok_embeddings for p in parts if p.tok_embeddings is not None), None)
+        self.layers = nn.ModuleDict({k: v for p in parts for k, v in p.layers.items()})
+        self.norm = next((p.norm for p in parts if p.norm is not None), None)
+        self.output = next((p.output for p in parts if getattr(p, "output", None) is not None), None)
+
+
+# ----------------------------------------------------------------------------- tensor parallel
+
+
+def _mlp_plan(prefix: str) -> dict:
+    """A SwiGLU MLP: gathered sequence in, column- then row-parallel, sequence-sharded out."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
+
+    return {prefix: PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            f"{prefix}.w1": ColwiseParallel(), f"{prefix}.w3": ColwiseParallel(),
+            f"{prefix}.w2": RowwiseParallel(output_layouts=Shard(1))}
+
+
+def _moe_plan(ff: MoE) -> dict:
+    """An MoE layer keeps its tokens sequence-sharded: each tp rank routes its own slice and
+    expert parallelism (which may borrow tp's ranks) moves the rows; the optional shared
+    expert is a column/row-parallel MLP like the dense one."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import PrepareModuleInput
+
+    plan = {"feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),))}
+    if ff.shared_expert is not None:
+        plan.update(_mlp_plan("feed_forward.shared_expert"))
+    return plan
+
+
+def apply_tp(model: Transformer, tp_mesh) -> Transformer:
+    """Tensor + sequence parallelism for the model (or one pipeline stage of it) over
+    `tp_mesh`, in place, before FSDP wraps it (parallel/tensor_parallel.py explains the
+    scheme). Parts a pipeline stage lacks (None) are skipped."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+
+    top = {}
+    if model.tok_embeddings is not None:
+        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    if model.norm is not None:
+        # local output: stage boundaries and the loss get a plain tensor (this rank's
+        # sequence shard), as between blocks
+        top["norm"] = SequenceParallel(use_local_output=True)
+    if top:
+        parallelize_module(model, tp_mesh, top)
+    for block in model.layers.values():
+        ff = block.feed_forward
+        moe = isinstance(ff, MoE)
+        parallelize_module(block, tp_mesh, {
+            "attention_norm": SequenceParallel(),
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                            desired_input_layouts=(Replicate(), None, None)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            **(_moe_plan(ff) if moe else _mlp_plan("feed_forward")),
+        })
+        if moe:
+            distribute_module(ff.router, tp_mesh)  # weight replicated over tp: its gradient sums every slice's
+            ff.token_group = tp_mesh.get_group()   # the aux losses count the whole micro-batch
+    loss_fn = vocab_parallel_loss(tp_mesh)
+    model.loss_fn = loss_fn  # the tied head's
+    if model.output is not None:  # only its weight is used, by the loss: shard the vocabulary rows
+        distribute_module(model.output, tp_mesh, lambda name, mod, mesh: [
+            mod.register_parameter(n, nn.Parameter(distribute_tensor(p, mesh, [Shard(0)])))
+            for n, p in list(mod.named_parameters(recurse=False))])
+        model.output.loss_fn = loss_fn
+    return model
+
+
+# ----------------------------------------------------------------------------- experts and FSDP
+
+
+def apply_ep(model: nn.Module, ep_mesh, topo: Topology) -> nn.Module:
+    """Shard every MoE layer's stacked expert weights over `ep_mesh` and give it the
+    dispatcher that moves its tokens to the ranks holding their experts."""
+    for moe in moe_layers(model):
+        shard_expert_weights(moe.experts, ep_mesh)
+        moe.dispatcher = ExpertDispatcher(topo, moe.n_experts)
+    return model
 
 
 def _shard(part: nn.Module, dp_mesh, pipelined: bool, schedule: str, param_dtype) -> None:
@@ -136,7 +218,7 @@ def _shard(part: nn.Module, dp_mesh, pipelined: bool, schedule: str, param_dtype
     norm) at once and would gather them straight back (measured: 7% of a step with
     dp_shard=4, bench/_dp_paired.py), while peak memory is the same either way.
     """
-    head = [part.output] if pipelined and getattr(part, "output", None) is not None else []
+    head = [part.output] if pipelined and part.output is not None else []
     if schedule == "layered" and pipelined:
         apply_fsdp(part, head, dp_mesh, param_dtype=param_dtype, reshard_after_forward=False)
     else:

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import PrefixStore, ProcessGroupGloo
 
-from .recorder import CollectiveRecord, CollectiveRecorder, FaultHook  # noqa: F401
+from .recorder import CollectiveRecord, CollectiveRecorder, _now
 
 BACKEND_NAME = "observed"
 
@@ -137,7 +137,14 @@ def _nb(t) -> int:
     return t.nbytes
 
 
-from .recorder import _now  # noqa: E402
+def _to_self(input, splits, rank: int, size: int) -> int:
+    """Bytes of an all_to_all's input that stay on this rank (its own chunk)."""
+    if not input.numel():
+        return 0
+    if not splits:
+        return input.nbytes // size
+    return int(splits[rank]) * (input.nbytes // input.shape[0])
+
 
 _work_init = dist.Work.__init__
 
@@ -249,11 +256,11 @@ class ObservedProcessGroup(dist.ProcessGroup):
         self._name_state(name)
 
     # --- core -------------------------------------------------------------
-    def _go(self, op, kind, nbytes, fn, args, kwargs, p2p_peer=None, peers=None):
+    def _go(self, op, kind, nbytes, fn, args, kwargs, p2p_peer=None, peers=None, wire=None):
         st = self._st
         if st.name is None:
             self._name_state()
-        rec = self.recorder.begin(st, op, kind, nbytes, peers, p2p_peer)
+        rec = self.recorder.begin(st, op, kind, nbytes, peers, p2p_peer, wire)
         try:
             work = fn(*args, **kwargs)
         except BaseException as e:
@@ -303,8 +310,10 @@ class ObservedProcessGroup(dist.ProcessGroup):
                         self._inner.reduce_scatter, (output_tensors, input_tensors) + a, k)
 
     def all_to_all_single(self, output, input, *a, **k):
+        splits = a[1] if len(a) > 1 else k.get("input_split_sizes")
         return self._go("all_to_all_single", "all_to_all", input.nbytes,
-                        self._inner.all_to_all_single, (output, input) + a, k)
+                        self._inner.all_to_all_single, (output, input) + a, k,
+                        wire=input.nbytes - _to_self(input, splits, self.rank(), self.size()))
 
     def alltoall(self, output_tensors, input_tensors, *a, **k):
         return self._go("alltoall", "all_to_all", _nb(input_tensors),

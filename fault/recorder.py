@@ -13,6 +13,13 @@ On gloo a reduce-scatter runs as an all-reduce of the full input underneath
 (about twice the traffic of a real reduce-scatter); it is still counted as the
 reduce_scatter the caller asked for, with the same bytes, so counts match NCCL.
 
+Wire bytes (`wire_bytes`), summed per group for the step's `group_summary`: what this
+rank sends for the op under the ring algorithms NCCL and gloo use in a group of n:
+all_reduce 2(n-1)/n of the tensor, all_gather and reduce_scatter (n-1)/n of the full
+buffer (broadcast and the rest likewise), all_to_all what goes to the other ranks,
+send the tensor, recv nothing. Payload counts compare collectives of one kind; wire
+bytes compare bandwidth between mesh dimensions whatever collectives carry it.
+
 Threading: collectives are issued and waited from one thread at a time (the
 training loop); readers on other threads only take snapshots (`records`,
 `pending`, `group_states`), which copy containers in single C calls under the
@@ -31,6 +38,18 @@ MAIN_KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "send_
 KINDS = MAIN_KINDS + ("broadcast", "barrier", "other")
 
 _now = time.monotonic_ns
+
+
+def wire_bytes(kind: str, op: str, nbytes: int, n: int) -> int:
+    """Bytes a rank sends for one op in a group of n under ring algorithms (module docstring).
+    An uneven all_to_all's exact figure is passed by its caller instead."""
+    if kind == "send_recv":
+        return nbytes if op == "send" else 0
+    if n < 2 or kind == "barrier":
+        return 0
+    if kind == "all_reduce":
+        return 2 * (n - 1) * nbytes // n
+    return (n - 1) * nbytes // n
 
 
 class CollectiveRecord:
@@ -153,6 +172,7 @@ class CollectiveRecorder:
         self.rank = -1  # global rank, set when the first group is built
         self._ring: collections.deque = collections.deque(maxlen=capacity)
         self._totals = {k: [0, 0] for k in KINDS}
+        self._by_group: dict[str, list[int]] = {}  # group name -> [count, bytes, wire bytes]
         self._paused = 0
         self._background = 0
         self._max_pending = max_pending
@@ -167,8 +187,9 @@ class CollectiveRecorder:
 
     # --- hot path ---------------------------------------------------------
     def begin(self, st: GroupState, op: str, kind: str, nbytes: int,
-              peers=None, p2p_peer: int | None = None) -> CollectiveRecord:
-        """Count and record an op about to be issued, run hooks, stamp enter."""
+              peers=None, p2p_peer: int | None = None, wire: int | None = None) -> CollectiveRecord:
+        """Count and record an op about to be issued, run hooks, stamp enter. `wire`: the
+        bytes this rank sends, where `wire_bytes` cannot tell (uneven all_to_all)."""
         if p2p_peer is None:
             st.seq = seq = st.seq + 1
             peers = st.ranks
@@ -180,6 +201,12 @@ class CollectiveRecorder:
             tot = self._totals[kind]
             tot[0] += 1
             tot[1] += nbytes
+            g = self._by_group.get(st.name)
+            if g is None:
+                g = self._by_group[st.name] = [0, 0, 0]
+            g[0] += 1
+            g[1] += nbytes
+            g[2] += wire if wire is not None else wire_bytes(kind, op, nbytes, len(st.ranks))
         pending = st.pending
         if len(pending) >= self._max_pending:
             del pending[next(iter(pending))]
@@ -213,6 +240,19 @@ class CollectiveRecorder:
         if reset:
             for tot in self._totals.values():
                 tot[0] = tot[1] = 0
+        return out
+
+    def reset_step_counts(self) -> None:
+        """Forget the counts so far (start-up collectives are no step's)."""
+        self.step_summary(reset=True)
+        self.group_summary(reset=True)
+
+    def group_summary(self, reset: bool = True) -> dict:
+        """Per group name (a mesh dim, "world", ...) {count, bytes, wire_bytes} since the
+        last reset, for groups that ran a counted op."""
+        out = {name: {"count": n, "bytes": b, "wire_bytes": w} for name, (n, b, w) in self._by_group.items()}
+        if reset:
+            self._by_group = {}
         return out
 
     def records(self) -> list[CollectiveRecord]:

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import statistics
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -139,7 +137,7 @@ def evaluate(d: Drill, run_dir: Path) -> dict:
     wrong = [f for f in findings if f not in right]
     hit = right[0] if right else None
     first = hit or (findings[0] if findings else None)
-    res = {"detected": bool(findings) if d.expect_kind else bool(findings),
+    res = {"detected": bool(findings),
            "named": f"{first['kind']} {first['ranks']}" if first else "-",
            "correct": (hit is not None and not wrong) if d.expect_kind else not findings,
            "time_to_detect_s": None, "steps_to_detect": None,
@@ -154,12 +152,9 @@ def evaluate(d: Drill, run_dir: Path) -> dict:
 
 def run_drills(config: str | None, overrides: list[str], drills: list[Drill], nproc: int, root: Path) -> list[Drill]:
     """All drills in one launch; fills each drill's `result`."""
-    from dist_train.c4 import launcher_faults
     from dist_train.config import load_runs
-    from dist_train.data import ensure_prepared
-    from dist_train.launchers.local import c4_watch, free_port  # noqa: F401
-    from dist_train.launchers import local
-    from dist_train.trainer import check_run_dir, parallel_dims
+    from dist_train.launchers.local import LocalJob
+    from dist_train.layout import preflight
 
     root.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -168,18 +163,13 @@ def run_drills(config: str | None, overrides: list[str], drills: list[Drill], np
         entries.append([f"{k}={v}" for k, v in sets.items()] + [f"fault.inject={json.dumps([d.spec])}"])
     runs_file = root / "runs.json"
     runs_file.write_text(json.dumps(entries))
-    cfgs = load_runs(config, overrides, str(runs_file))
-    for cfg in cfgs:
-        parallel_dims(cfg, nproc)
-        check_run_dir(cfg)
-        ensure_prepared(cfg.data.source, cfg.data.cache_dir or None, cfg.data.tokenizer)
-    _, sigstops = launcher_faults(cfgs, nproc)
+    plan = preflight(load_runs(config, overrides, str(runs_file)), nproc)
     restarts = sum(1 for d in drills if d.spec.split(":")[0] in RESTARTS) + 2
+    job = LocalJob(config, overrides, nproc, 1, restarts, str(runs_file), plan)
 
     done = threading.Event()
-    watch: dict = {}
 
-    def prune():  # drop finished runs from the runs file; kill an attempt that stopped moving
+    def watchdog():  # drop finished runs from the runs file; kill an attempt that stopped moving
         last_progress, last_sizes = time.monotonic(), None
         while not done.wait(1.0):
             left = [e for e, d in zip(entries, drills) if not _finished(root / d.name, d.steps)]
@@ -191,42 +181,20 @@ def run_drills(config: str | None, overrides: list[str], drills: list[Drill], np
                      else 0 for d in drills]
             if sizes != last_sizes:
                 last_sizes, last_progress = sizes, time.monotonic()
-            elif time.monotonic() - last_progress > WATCHDOG_S and watch.get("w") is not None:
-                w = watch["w"]
-                print(f"drill: no progress for {WATCHDOG_S:.0f} s; killing attempt {w.attempt}", flush=True)
-                for pid, (attempt, _, _) in list(w.pids.items()):
-                    if attempt == w.attempt:
-                        try:
-                            os.kill(pid, signal.SIGKILL)
-                        except OSError:
-                            pass
+            elif time.monotonic() - last_progress > WATCHDOG_S:
+                print(f"drill: no progress for {WATCHDOG_S:.0f} s; killing attempt {job.watcher.attempt}", flush=True)
+                job.kill_attempt()
                 last_progress = time.monotonic()
 
-    orig = local.c4_watch
-
-    def grab(*a, **k):  # keep a handle on the launcher's watcher for the watchdog
-        cm = orig(*a, **k)
-
-        class _Wrap:
-            def __enter__(self_inner):
-                watch["w"] = cm.__enter__()
-                return watch["w"]
-
-            def __exit__(self_inner, *exc):
-                return cm.__exit__(*exc)
-        return _Wrap()
-
-    t = threading.Thread(target=prune, daemon=True)
+    t = threading.Thread(target=watchdog, daemon=True)
     t.start()
     t0 = time.monotonic()
-    local.c4_watch = grab
     error = None
     try:
-        local.launch_local(config, overrides, nproc, 1, restarts, str(runs_file), c4=True, sigstops=sigstops)
+        job.run()
     except UserError as e:
         error = str(e)
     finally:
-        local.c4_watch = orig
         done.set()
         t.join(timeout=5)
     wall = time.monotonic() - t0

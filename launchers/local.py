@@ -1,29 +1,166 @@
-"""`dist-train local`: N simulated ranks on this machine through torch's elastic launcher.
+"""`dist-train local`: N simulated ranks on this machine under torch's elastic agent.
 
-This is the engine behind torchrun (`torch.distributed.launcher.api.elastic_launch`), so
-the workers see exactly torchrun's environment and run `python -m dist_train train`.
-`--nodes K` starts K launcher agents, each owning N/K workers and meeting through the
-c10d rendezvous like real nodes; every worker then sees LOCAL_WORLD_SIZE = N/K, which is
-what node-aware code (hierarchical all-to-all, C4 link naming) keys on.
+The agent is torch's `LocalElasticAgent`, the engine behind torchrun, so the workers see
+exactly torchrun's environment and run `python -m dist_train train`. `--nodes K` starts K
+agents, each owning N/K workers and meeting through the c10d rendezvous like real nodes;
+every worker then sees LOCAL_WORLD_SIZE = N/K, which is what node-aware code
+(hierarchical all-to-all, C4 link naming) keys on.
+
+`LocalJob` is the handle of one launch: `run()` blocks until the job ends, while from
+another thread `watcher` (the C4 detector, when on) and `kill_attempt()` serve whoever
+watches the job (the drills' watchdog). The detector runs in this process: it outlives
+every rank and every restart, and the agent's rendezvous store it reads is hosted here.
+
+Why our own agent subclass rather than `elastic_launch`: the detector must hear of a
+worker that died, with its exit code, while the agent restarts the job; `_monitor_workers`
+is the agent's documented extension point and returns exactly that, where
+`elastic_launch` would only log it.
 """
 from __future__ import annotations
 
 import contextlib
-import logging
 import multiprocessing
 import os
+import signal
 import socket
 import sys
 import threading
 import uuid
+from datetime import timedelta
+from typing import Callable
+
+from torch.distributed.elastic.agent.server.api import WorkerSpec, WorkerState
+from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+from torch.distributed.elastic.rendezvous import RendezvousParameters
+from torch.distributed.elastic.rendezvous import registry as rdzv_registry
 
 from dist_train.errors import UserError
+from dist_train.layout import LaunchPlan
+
+# Set for the workers of a launch whose detector runs here (read by dist_train/c4.py).
+DETECTOR_ENV = "DIST_TRAIN_C4_DETECTOR"
+STORE_ENV = "DIST_TRAIN_C4_STORE"  # host:port of the store C4 state goes to
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class LocalJob:
+    """One launch of `nproc` ranks on `nodes` simulated nodes (see module docstring).
+    `plan` is the launch's pre-flight result (dist_train/layout.py): whether to host the
+    C4 detector, and the SIGSTOP drills it sends."""
+
+    def __init__(self, config_path: str | None, overrides: list[str], nproc: int, nodes: int = 1,
+                 max_restarts: int = 0, runs_file: str | None = None, plan: LaunchPlan | None = None):
+        if nproc < 1:
+            raise UserError(f"--nproc {nproc}: must be at least 1")
+        if nodes < 1 or nproc % nodes:
+            raise UserError(f"--nodes {nodes}: must divide --nproc {nproc} (each node gets the same number of ranks)")
+        self.nproc, self.nodes, self.max_restarts = nproc, nodes, max_restarts
+        self.port, self.run_id = free_port(), f"local-{uuid.uuid4().hex[:8]}"
+        self.worker_args = _worker_args(config_path, overrides, runs_file)
+        self.watcher = None
+        if plan is not None and (plan.c4 or plan.sigstops):
+            from dist_train.fault.detector import Watcher
+
+            self.watcher = Watcher(None, nproc, sigstops=list(plan.sigstops))
+
+    @property
+    def findings(self) -> list[dict]:
+        return list(self.watcher.findings) if self.watcher else []
+
+    def run(self) -> list[dict]:
+        """Run the job to its end; returns the C4 findings. A failed job raises UserError
+        (naming C4's culprit when C4 stopped it)."""
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.nproc)))
+        with self._detector():
+            try:
+                self._launch()
+            except UserError as e:
+                hangs = [f for f in self.findings if f["kind"] in ("hang", "non_comm_hang")]
+                if hangs:
+                    f = hangs[-1]
+                    raise UserError(f"C4 stopped the job: {f['kind']} in group {f['group']}, culprit rank(s) "
+                                    f"{f['ranks']} on {f['host']} ({f['why']}); {e}") from None
+                raise
+        return self.findings
+
+    def kill_attempt(self) -> int:
+        """SIGKILL every rank of the current attempt (a watchdog's last resort); the agent
+        then restarts the job if it has restarts left. Returns how many were killed."""
+        if self.watcher is None:
+            return 0
+        killed = 0
+        for pid, (attempt, _, _) in list(self.watcher.pids.items()):
+            if attempt == self.watcher.attempt:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+        return killed
+
+    # --- internals ---------------------------------------------------------------
+    def _note_exit(self, pid: int, exitcode: int) -> None:
+        if self.watcher is not None:
+            self.watcher.note_exit(pid, exitcode)
+
+    @contextlib.contextmanager
+    def _detector(self):
+        """Run the watcher against the agent's store for the whole launch."""
+        if self.watcher is None:
+            yield
+            return
+        import torch.distributed as dist
+
+        os.environ[DETECTOR_ENV] = "launcher"
+        os.environ[STORE_ENV] = f"127.0.0.1:{self.port}"  # the rendezvous store this launcher hosts
+        stop = threading.Event()
+
+        def run():
+            while not stop.is_set():  # the agent starts hosting the store a moment after launch
+                try:
+                    store = dist.TCPStore("127.0.0.1", self.port, is_master=False, timeout=timedelta(seconds=5))
+                    break
+                except Exception:
+                    stop.wait(0.2)
+            else:
+                return
+            self.watcher.store = store
+            self.watcher.run(stop)
+
+        thread = threading.Thread(target=run, name="c4-detector", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+            os.environ.pop(DETECTOR_ENV, None)
+            os.environ.pop(STORE_ENV, None)
+
+    def _launch(self) -> None:
+        per_node = self.nproc // self.nodes
+        args = (self.nodes, per_node, self.port, self.run_id, self.max_restarts, self.worker_args)
+        if self.nodes == 1:
+            _run_agent(0, *args, on_failure=self._note_exit)
+            return
+        ctx = multiprocessing.get_context("spawn")
+        exits = ctx.Queue()  # (pid, exit code) of failed workers, from the agents to the detector here
+        drain = threading.Thread(target=_drain, args=(exits, self._note_exit), daemon=True)
+        drain.start()
+        agents = [ctx.Process(target=_agent_process, args=(i, *args, exits)) for i in range(self.nodes)]
+        for a in agents:
+            a.start()
+        for a in agents:
+            a.join()
+        exits.put(None)
+        drain.join(timeout=5)
+        if any(a.exitcode for a in agents):
+            raise UserError(f"the job failed on {sum(1 for a in agents if a.exitcode)} of {self.nodes} "
+                            "simulated nodes")
 
 
 def _worker_args(config_path: str | None, overrides: list[str], runs_file: str | None) -> tuple[str, ...]:
@@ -37,130 +174,52 @@ def _worker_args(config_path: str | None, overrides: list[str], runs_file: str |
     return tuple(args)
 
 
+class _ReportingAgent(LocalElasticAgent):
+    """A LocalElasticAgent that reports each failed worker (pid, exit code) as soon as it
+    sees it, also the failures it then restarts from."""
+
+    def __init__(self, *args, on_failure: Callable[[int, int], None], **kwargs):
+        super().__init__(*args, **kwargs)
+        self._on_failure = on_failure
+
+    def _monitor_workers(self, worker_group):
+        result = super()._monitor_workers(worker_group)
+        if result.state == WorkerState.FAILED:
+            for failure in result.failures.values():
+                self._on_failure(failure.pid, failure.exitcode)
+        return result
+
+
 def _run_agent(node_rank: int, nodes: int, per_node: int, port: int, run_id: str, max_restarts: int,
-               worker_args: tuple[str, ...]) -> None:
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    config = LaunchConfig(
-        min_nodes=nodes, max_nodes=nodes, nproc_per_node=per_node, run_id=run_id,
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}",
-        rdzv_configs={"is_host": node_rank == 0, "last_call_timeout": 1},
-        max_restarts=max_restarts, monitor_interval=0.1, local_addr="127.0.0.1",
-    )
+               worker_args: tuple[str, ...], on_failure: Callable[[int, int], None]) -> None:
+    """One simulated node: an elastic agent with `per_node` workers (what torchrun runs)."""
+    params = RendezvousParameters(backend="c10d", endpoint=f"127.0.0.1:{port}", run_id=run_id, min_nodes=nodes,
+                                  max_nodes=nodes, local_addr="127.0.0.1", is_host=node_rank == 0,
+                                  last_call_timeout=1, timeout=900)
+    spec = WorkerSpec(role="default", local_world_size=per_node, entrypoint=sys.executable, args=worker_args,
+                      rdzv_handler=rdzv_registry.get_rendezvous_handler(params), max_restarts=max_restarts,
+                      monitor_interval=0.1, local_addr="127.0.0.1")
+    agent = _ReportingAgent(spec, DefaultLogsSpecs(), start_method="spawn", on_failure=on_failure)
     try:
-        elastic_launch(config, entrypoint=sys.executable)(*worker_args)
-    except ChildFailedError as e:
+        result = agent.run()
+    finally:
+        spec.rdzv_handler.shutdown()
+    if result.is_failed():
         # the rank that failed first is the culprit; the agent then terminated the others
-        rank, first = min(e.failures.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
-        raise UserError(f"{len(e.failures)} rank(s) failed; rank {rank} failed first, with exit code "
-                        f"{first.exitcode} (its message is printed above)") from None
+        rank, first = min(result.failures.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
+        raise UserError(f"{len(result.failures)} rank(s) failed; rank {rank} failed first, with exit code "
+                        f"{first.exitcode} (its message is printed above)")
 
 
-def _agent_process(*args) -> None:
+def _agent_process(node_rank, nodes, per_node, port, run_id, max_restarts, worker_args, exits) -> None:
     try:
-        _run_agent(*args)
+        _run_agent(node_rank, nodes, per_node, port, run_id, max_restarts, worker_args,
+                   on_failure=lambda pid, code: exits.put((pid, code)))
     except UserError as e:
         print(f"dist-train: error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 
-class _ExitLog(logging.Handler):
-    """Hands the elastic agent's "failed (exitcode ...) (pid ...)" to the C4 watcher (a crash)."""
-
-    def __init__(self, watcher):
-        super().__init__(logging.ERROR)
-        self.watcher = watcher
-
-    def emit(self, record):
-        args = record.args if isinstance(record.args, tuple) else ()
-        if str(record.msg).startswith("failed (exitcode") and len(args) >= 3:
-            try:
-                self.watcher.note_exit(int(args[2]), args[0])
-            except Exception:
-                pass
-
-
-@contextlib.contextmanager
-def c4_watch(port: int, nproc: int, sigstops=(), enabled: bool = True):
-    """Run the C4 detector in this (launcher) process against the agent's store for the
-    whole launch: it outlives every rank and every restart. Yields the Watcher (or None)."""
-    if not enabled:
-        yield None
-        return
-    from datetime import timedelta
-
-    import torch.distributed as dist
-    from dist_train.fault.detector import Watcher
-
-    from dist_train.c4 import DETECTOR_ENV, STORE_ENV
-
-    os.environ[DETECTOR_ENV] = "launcher"
-    os.environ[STORE_ENV] = f"127.0.0.1:{port}"  # the rendezvous store this launcher hosts
-    watcher = Watcher(None, nproc, sigstops=list(sigstops))
-    stop = threading.Event()
-
-    def run():
-        while not stop.is_set():  # the agent starts hosting the store a moment after launch
-            try:
-                store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=5))
-                break
-            except Exception:
-                stop.wait(0.2)
-        else:
-            return
-        watcher.store = store
-        watcher.run(stop)
-
-    handler = _ExitLog(watcher)
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addHandler(handler)
-    thread = threading.Thread(target=run, name="c4-detector", daemon=True)
-    thread.start()
-    try:
-        yield watcher
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        logging.getLogger("torch.distributed.elastic.multiprocessing.api").removeHandler(handler)
-        os.environ.pop(DETECTOR_ENV, None)
-        os.environ.pop(STORE_ENV, None)
-
-
-def launch_local(config_path: str | None, overrides: list[str], nproc: int, nodes: int = 1,
-                 max_restarts: int = 0, runs_file: str | None = None, c4: bool = False,
-                 sigstops=()) -> list[dict]:
-    """Run the training job on `nproc` local ranks as `nodes` simulated nodes. With `c4`
-    (or SIGSTOP drills) the C4 detector runs here; returns its findings."""
-    if nproc < 1:
-        raise UserError(f"--nproc {nproc}: must be at least 1")
-    if nodes < 1 or nproc % nodes:
-        raise UserError(f"--nodes {nodes}: must divide --nproc {nproc} (each node gets the same number of ranks)")
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    per_node, port, run_id = nproc // nodes, free_port(), f"local-{uuid.uuid4().hex[:8]}"
-    worker_args = _worker_args(config_path, overrides, runs_file)
-    with c4_watch(port, nproc, sigstops, enabled=c4 or bool(sigstops)) as watcher:
-        try:
-            _launch(nodes, per_node, port, run_id, max_restarts, worker_args)
-        except UserError as e:
-            hangs = [f for f in (watcher.findings if watcher else []) if f["kind"] in ("hang", "non_comm_hang")]
-            if hangs:
-                f = hangs[-1]
-                raise UserError(f"C4 stopped the job: {f['kind']} in group {f['group']}, culprit rank(s) "
-                                f"{f['ranks']} on {f['host']} ({f['why']}); {e}") from None
-            raise
-        return list(watcher.findings) if watcher else []
-
-
-def _launch(nodes, per_node, port, run_id, max_restarts, worker_args) -> None:
-    if nodes == 1:
-        _run_agent(0, 1, per_node, port, run_id, max_restarts, worker_args)
-        return
-    ctx = multiprocessing.get_context("spawn")
-    agents = [ctx.Process(target=_agent_process, args=(i, nodes, per_node, port, run_id, max_restarts, worker_args))
-              for i in range(nodes)]
-    for a in agents:
-        a.start()
-    for a in agents:
-        a.join()
-    if any(a.exitcode for a in agents):
-        raise UserError(f"the job failed on {sum(1 for a in agents if a.exitcode)} of {nodes} simulated nodes")
+def _drain(exits, note_exit: Callable[[int, int], None]) -> None:
+    while (item := exits.get()) is not None:
+        note_exit(*item)

@@ -41,19 +41,20 @@ def expert_meshes(mesh, dims):
 
 
 class ExpertDispatcher:
-    """Called by an MoE layer as dispatcher(rows, counts, experts): `rows` grouped by global
-    expert, counts (E,) per expert; returns the experts' outputs for those rows, in order."""
+    """Called by an MoE layer as dispatcher(rows, counts, run_experts): `rows` grouped by
+    global expert, counts (E,) per expert, `run_experts(rows, counts_per_local_expert)` this
+    rank's experts; returns the experts' outputs for the given rows, in order."""
 
     def __init__(self, topo: Topology, n_experts: int):
         self.topo = topo
         self.n_local = n_experts // topo.size
 
-    def __call__(self, rows: torch.Tensor, counts: torch.Tensor, experts: nn.Module) -> torch.Tensor:
+    def __call__(self, rows: torch.Tensor, counts: torch.Tensor, run_experts) -> torch.Tensor:
         P, E_l = self.topo.size, self.n_local
         recv, plan = exchange_counts(counts.view(P, E_l), self.topo)
         x = run_plan(rows, plan, self.topo)             # from each source, its rows per local expert
         order, inverse = _by_local_expert(recv)
-        y = experts(x.index_select(0, order), recv.sum(0).tolist())
+        y = run_experts(x.index_select(0, order), recv.sum(0).tolist())
         return run_plan(y.index_select(0, inverse), plan.reversed(), self.topo)
 
 
@@ -70,37 +71,23 @@ def _by_local_expert(recv: torch.Tensor):
     return order, inverse
 
 
-def moe_modules(model: nn.Module):
-    """MoE layers, found by shape (a router, stacked experts, a dispatcher slot)."""
-    return [m for m in model.modules() if hasattr(m, "experts") and hasattr(m, "router") and hasattr(m, "dispatcher")]
-
-
-def apply_ep(model: nn.Module, ep_mesh, topo: Topology) -> nn.Module:
-    """Shard every MoE layer's stacked expert weights on dim 0 over `ep_mesh` (DTensors, so
-    checkpoints hold the full [n_experts, ...] tensors) and give it the dispatcher."""
+def shard_expert_weights(module: nn.Module, ep_mesh) -> None:
+    """Shard a module of stacked expert weights ([n_experts, ...] parameters) on dim 0 over
+    `ep_mesh`, as DTensors (so checkpoints hold the full tensors)."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    for moe in moe_modules(model):
-        experts = moe.experts
-        for name, p in list(experts.named_parameters(recurse=False)):
-            experts.register_parameter(name, nn.Parameter(distribute_tensor(p, ep_mesh, [Shard(0)])))
-        moe.dispatcher = ExpertDispatcher(topo, moe.n_experts)
-    return model
+    for name, p in list(module.named_parameters(recurse=False)):
+        module.register_parameter(name, nn.Parameter(distribute_tensor(p, ep_mesh, [Shard(0)])))
 
 
-def shard_experts(model: nn.Module, edp_mesh, dp_size: int, *, param_dtype=None, reduce_dtype=torch.float32,
-                  reshard_after_forward: bool = True) -> None:
-    """Each MoE layer's experts become their own FSDP2 unit over `edp_mesh` (before the
+def fully_shard_experts(module: nn.Module, edp_mesh, dp_size: int, *, param_dtype=None,
+                        reduce_dtype=torch.float32, reshard_after_forward: bool = True) -> None:
+    """Make a module of expert weights its own FSDP2 unit over `edp_mesh` (before its
     block is wrapped), with gradients divided by the data-parallel size (module docstring)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    for moe in moe_modules(model):
-        unit = fully_shard(moe.experts, mesh=edp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-        unit.set_gradient_divide_factor(float(dp_size))
-        # with one rank there is no collective, and torch then divides once by itself
-        unit.set_force_sum_reduction_for_comms(edp_mesh.size() > 1)
-
-
-def take_comm_stats(topo: Topology | None) -> dict:
-    return topo.stats.take() if topo is not None else {}
+    unit = fully_shard(module, mesh=edp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    unit.set_gradient_divide_factor(float(dp_size))
+    # with one rank there is no collective, and torch then divides once by itself
+    unit.set_force_sum_reduction_for_comms(edp_mesh.size() > 1)

@@ -16,16 +16,12 @@ number of micro-batches and the shortest training time halved. With pp = 1 the s
 schedule is layered accumulation without a pipeline (all stages on one rank; adjacent
 stages hand activations over locally, no send/recv).
 
-The embedding sits on the first stage, the final norm and the fused head + loss on the
-last. Stages are pruned copies of the meta-device model, so parameter names (and
-checkpoints) are those of the whole model. The head is called by the schedule's loss
-function, outside the stage's forward, so under FSDP it is its own unit.
-Submodules are found by the names of a Llama-style model (`tok_embeddings`, `layers`,
-`norm`, `output`); no model class is imported.
+This module plans stages by block index and builds the torch schedule over the stage
+modules it is handed; cutting a model into those modules (which parts sit on the first
+and last stage) is the model's business (dist_train/parallelize.py).
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -51,9 +47,6 @@ class StagePlan:
     def local_stages(self, pp_rank: int) -> list[int]:
         return [s for s, r in enumerate(self.stage_rank) if r == pp_rank]
 
-    def last_rank(self) -> int:
-        return self.stage_rank[-1]
-
 
 def plan_stages(n_layers: int, pp: int, schedule: str) -> StagePlan:
     if schedule not in SCHEDULES:
@@ -71,34 +64,6 @@ def plan_stages(n_layers: int, pp: int, schedule: str) -> StagePlan:
     per = n_layers // n_stages
     layers = tuple(tuple(range(s * per, (s + 1) * per)) for s in range(n_stages))
     return StagePlan(layers, tuple(s % pp for s in range(n_stages)))
-
-
-def prune_to_stage(model: nn.Module, plan: StagePlan, stage: int) -> nn.Module:
-    """A copy of `model` (on the meta device) holding only `stage`'s part."""
-    part = copy.deepcopy(model)
-    keep = {str(i) for i in plan.stage_layers[stage]}
-    for name in list(part.layers.keys()):
-        if name not in keep:
-            del part.layers[name]
-    if stage != 0:
-        part.tok_embeddings = None
-    if stage != plan.num_stages - 1:
-        part.norm = None
-        part.output = None
-    return part
-
-
-class LocalModel(nn.Module):
-    """All stages this rank holds, under the whole model's attribute names, so the
-    optimizer and the checkpoint see one module with the usual parameter names."""
-
-    def __init__(self, parts: list[nn.Module]):
-        super().__init__()
-        self.parts = parts  # a plain list: not registered twice
-        self.tok_embeddings = next((p.tok_embeddings for p in parts if p.tok_embeddings is not None), None)
-        self.layers = nn.ModuleDict({k: v for p in parts for k, v in p.layers.items()})
-        self.norm = next((p.norm for p in parts if p.norm is not None), None)
-        self.output = next((p.output for p in parts if getattr(p, "output", None) is not None), None)
 
 
 def build_schedule(name: str, stages: list, n_microbatches: int, loss_fn):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from dist_train.config import Config, ConfigError, build_config, load_config, parse_override
-from dist_train.trainer import parallel_dims
+from dist_train.layout import check_layout
 from tests.conftest import REPO, run_cli
 
 
@@ -40,8 +40,8 @@ def test_override_values_parse_as_toml_literals():
 
 def test_dp_shard_minus_one_fills_the_world():
     cfg = load_config(None, ["parallel.dp_replicate=2"])
-    assert parallel_dims(cfg, 8).dp_shard == 4
-    assert parallel_dims(load_config(None, ["train.global_batch=12"]), 3).dp_shard == 3
+    assert check_layout(cfg, 8).dp_shard == 4
+    assert check_layout(load_config(None, ["train.global_batch=12"]), 3).dp_shard == 3
 
 
 BAD_OVERRIDES = [
@@ -94,7 +94,7 @@ BAD_LAYOUTS = [
 def test_layout_that_does_not_fit_the_world_is_refused(overrides, world, message):
     cfg = load_config(REPO / "configs/tiny.toml", overrides)
     with pytest.raises(ValueError) as e:
-        parallel_dims(cfg, world)
+        check_layout(cfg, world)
     assert message in str(e.value)
 
 

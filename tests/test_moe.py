@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from dist_train.config import load_config
 from dist_train.model import ModelArgs, Transformer, count_params, flops_per_token, init_weights
 from dist_train.moe import MoE, experts_grouped_mm, experts_loop, route
-from dist_train.trainer import parallel_dims
+from dist_train.layout import check_layout
 from tests.conftest import REPO
 from tests.test_model import assert_checkpointing_keeps_gradients
 
@@ -191,7 +191,7 @@ BAD = [  # (tests/test_config.py has the cases that need no node size)
 def test_bad_expert_parallel_layout_is_refused(overrides, world, per_node, message):
     cfg = load_config(REPO / "configs/tiny.toml", overrides + ["train.global_batch=24"])
     with pytest.raises(ValueError) as e:
-        parallel_dims(cfg, world, per_node)
+        check_layout(cfg, world, per_node)
     assert message in str(e.value)
 
 
@@ -202,4 +202,4 @@ def test_top_k_above_experts_is_refused():
 
 def test_good_layouts_resolve():
     cfg = load_config(REPO / "configs/tiny-moe.toml", ["parallel.ep=8", "parallel.a2a=hierarchical"])
-    assert parallel_dims(cfg, 8, 4).ep == 8
+    assert check_layout(cfg, 8, 4).ep == 8

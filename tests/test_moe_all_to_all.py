@@ -71,7 +71,7 @@ def _check_exchange(topo_flat, topo_h, rank: int) -> None:
 def _check_moe(topo_flat, topo_h, ep_mesh, rank: int) -> None:
     """An MoE layer with 8 experts, one per rank; routing skewed to expert 2, expert 6 unused."""
     from dist_train.moe import MoE
-    from dist_train.parallel.expert_parallel import apply_ep
+    from dist_train.parallelize import apply_ep
 
     torch.manual_seed(0)
     n_experts = 8
