@@ -3,26 +3,10 @@
 For one fixed model, each layout runs a few steps (one `dist-train local --runs` launch per
 world size); the bytes each
 collective kind moved per rank and step come from the observed process group (metrics.jsonl,
-summed over ranks, divided by the world size here). The analytic count is derived from how
-the layout works (per rank, per optimizer step; N micro-batches per rank, A = micro_batch x
-seq_len x dim x 4 bytes, L blocks, fp32):
-
-tensor + sequence parallel (tp > 1), per micro-batch
-  all-gather      4L + 2 of A: the input of attention and of the MLP per block (forward),
-                  the backward of each block's two row-parallel reduce-scatters, the hidden
-                  states gathered for the vocab-parallel loss, the backward of the embedding's
-  reduce-scatter  4L + 2 of A: the mirror images of the above
-  all-reduce      the vocab-parallel loss: max, then sum-exp and target logit, 12 bytes a token;
-                  the sequence-parallel norm weights' partial gradients, (2L + 1) x dim x 4
-                  (once per micro-batch without FSDP; FSDP reduces them once per step)
-FSDP over dp_shard > 1 (units = L blocks + root, P_u = a unit's parameters on this tp rank)
-  all-gather      per micro-batch, 2 per block (forward, and again for backward) and 1 for
-                  the root (kept gathered through backward): N x (2 x sum(P_block) + P_root) x 4
-  reduce-scatter  1 per unit and step (gradient sync on the last micro-batch): sum(P_u) x 4
-HSDP over dp_replicate > 1
-  all-reduce      1 per unit and step of the shard: sum(P_u) / dp_shard x 4
-and the gradient-norm all-reduce of one float per parameter tensor (over tp and, with
-FSDP, once more over dp_shard).
+summed over ranks, divided by the world size here). The analytic count per rank and step
+is derived from how the layout works (dist_train/comm_model.py: tensor + sequence parallel
+activations, FSDP's gathers and reduce-scatters, HSDP's replicate all-reduce, the
+gradient-norm all-reduces).
 
 Run:  python bench/tensor_parallel.py [--steps 4] [--out results.json]
 Goal: measured bytes within 5% of the analytic count for every layout and kind.
@@ -39,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _launch import REPO, run_sweep, steady_median  # noqa: E402
 
 sys.path.insert(0, str(REPO))
+from dist_train.comm_model import KINDS, dense_step_bytes  # noqa: E402
 
 MODEL = {"model.dim": 64, "model.n_layers": 4, "model.n_heads": 4, "model.n_kv_heads": 4}
 DATA = {"data.seq_len": 128, "train.global_batch": 8, "train.micro_batch": 2}
@@ -49,7 +34,6 @@ LAYOUTS = {  # name: (ranks, tp, dp_shard, dp_replicate)
     "tp=2 x dp_shard=2": (4, 2, 2, 1),
     "tp=2 x dp_replicate=2": (4, 2, 1, 2),
 }
-KINDS = ("all_gather", "reduce_scatter", "all_reduce")
 
 
 def model_shapes():
@@ -58,36 +42,6 @@ def model_shapes():
 
     cfg = load_config(REPO / "configs/tiny.toml", [f"{k}={v}" for k, v in {**MODEL, **DATA}.items()])
     return ModelArgs.from_config(cfg.model, cfg.data.seq_len, tokenizer_vocab=258)
-
-
-def unit_params(a, tp: int) -> list[int]:
-    """Parameters of each FSDP unit (blocks, then the root last) held by one tp rank."""
-    hd = a.head_dim
-    block = 2 * a.dim + (2 * a.n_heads * hd * a.dim + 2 * a.n_kv_heads * hd * a.dim + 3 * a.ffn_dim * a.dim) // tp
-    root = a.vocab_size * a.dim // tp * (1 if a.tie_embeddings else 2) + a.dim
-    return [block] * a.n_layers + [root]
-
-
-def analytic(a, tp: int, dps: int, dpr: int, seq: int, gb: int, mb: int) -> dict[str, float]:
-    n_micro = gb // (dps * dpr * mb)
-    act = mb * seq * a.dim * 4
-    L = a.n_layers
-    fsdp = dps > 1 or dpr > 1
-    out = dict.fromkeys(KINDS, 0.0)
-    if tp > 1:
-        out["all_gather"] += n_micro * (4 * L + 2) * act
-        out["reduce_scatter"] += n_micro * (4 * L + 2) * act
-        out["all_reduce"] += n_micro * 12 * mb * seq
-        out["all_reduce"] += (1 if fsdp else n_micro) * (2 * L + 1) * a.dim * 4
-    units = unit_params(a, tp)
-    if dps > 1:
-        out["all_gather"] += n_micro * (2 * sum(units[:-1]) + units[-1]) * 4
-        out["reduce_scatter"] += sum(units) * 4
-    if dpr > 1:
-        out["all_reduce"] += sum(units) // dps * 4
-    n_tensors = 2 + L * 9 + (0 if a.tie_embeddings else 1)
-    out["all_reduce"] += n_tensors * 4 * (2 if tp > 1 and dps > 1 else 1)  # + once over dp_shard
-    return out
 
 
 def main() -> None:
@@ -110,8 +64,8 @@ def main() -> None:
         for name, (ranks, tp, dps, dpr) in LAYOUTS.items():
             records = metrics[name]
             measured = {k: steady_median(records, lambda r, k=k: r["comm"][k]["bytes"]) / ranks for k in KINDS}
-            expect = analytic(a, tp, dps, dpr, DATA["data.seq_len"], DATA["train.global_batch"],
-                              DATA["train.micro_batch"])
+            expect = dense_step_bytes(a, tp, dps, dpr, DATA["data.seq_len"], DATA["train.global_batch"],
+                                      DATA["train.micro_batch"])
             rows.append({"layout": name, "ranks": ranks, "tokens_per_s": steady_median(records, "tokens_per_s"),
                          "measured": measured, "analytic": expect})
     base = rows[0]["tokens_per_s"]

@@ -23,6 +23,7 @@ from dist_train.fault.collectives import get_recorder, name_mesh_groups
 from dist_train.parallel.clip import clip_grad_norm_
 from dist_train.parallel.data_parallel import set_gradient_sync
 from dist_train.parallel.dims import MESH_DIMS
+from dist_train.parallel.tensor_parallel import reduce_partial_grads
 
 from . import moe
 from .c4 import start_monitor
@@ -161,8 +162,9 @@ class Trainer:
         Ranks without the last pipeline stage return a NaN loss (they compute none)."""
         micro_batches = [self.dataset.batch(idx) for idx in self.sampler.next_step()]
         loss = (self._pipeline_step if self.par.schedule is not None else self._accumulate)(micro_batches)
-        grad_norm = clip_grad_norm_(list(self.model.parameters()), self.cfg.train.grad_clip,
-                                    pp_group=self.par.pp_group)
+        params = list(self.model.parameters())
+        reduce_partial_grads(params)
+        grad_norm = clip_grad_norm_(params, self.cfg.train.grad_clip, pp_group=self.par.pp_group)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -43,3 +43,23 @@ def vocab_parallel_loss(tp_mesh):
                                                    reduce_grad_input=False)
 
     return loss_fn
+
+
+def reduce_partial_grads(params) -> int:
+    """Reduce once the gradients that tensor parallelism left as partial sums.
+
+    A replicated weight used on sequence-sharded activations (a sequence-parallel norm, a
+    tp-replicated MoE router) gets a `Partial` gradient: each tp rank holds its slice's
+    share. Left so, every later use (the gradient-norm clip, each of the optimizer's
+    reads of the gradient) all-reduces it again, 4 times per step under AdamW; reduced
+    here once per step, after the last micro-batch. (With FSDP its reduce-scatter does
+    it.) Returns the number of gradients reduced."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    n = 0
+    for p in params:
+        g = p.grad
+        if isinstance(g, DTensor) and any(isinstance(pl, Partial) for pl in g.placements):
+            p.grad = g.redistribute(g.device_mesh, p.placements)
+            n += 1
+    return n

@@ -1,22 +1,24 @@
 """Tensor + sequence parallelism (with a vocab-parallel loss), alone and composed with
-sharded and replicated data parallelism, gives the single-process reference's losses and
-final parameters; checkpoints reload across tp and dp layouts.
+sharded and replicated data parallelism, gives the single-process reference's losses,
+gradient norms and final parameters (tests/equivalence.py); each layout moves exactly
+the bytes the analytic model predicts (dist_train/comm_model.py); checkpoints reload
+across tp and dp layouts.
 
-All runs: the tiny model with 4 kv heads (so tp=4 divides them), global batch 8, 5 steps.
-Four launches (1, 2, 4 and 8 ranks) run every layout.
+All runs: the tiny model with 4 kv heads (so tp=4 divides them), global batch 8, 5 SGD
+steps. Four launches (1, 2, 4 and 8 ranks) run every layout.
 """
 from __future__ import annotations
 
 import json
 
 import pytest
-import torch
 
 from tests.conftest import read_metrics, sweep
-from tests.test_dp_equivalence import TOL, load_params
+from tests.equivalence import C_GRAD, SGD, assert_params_match, assert_values_match, initial_params, load_params
 
 STEPS = 5
-COMMON = {"model.n_kv_heads": 4, "train.global_batch": 8, "train.steps": STEPS, "checkpoint.every": STEPS}
+TOKENS = 8 * 128  # per step: global batch x seq_len
+COMMON = {"model.n_kv_heads": 4, "train.global_batch": 8, "train.steps": STEPS, "checkpoint.every": STEPS, **SGD}
 LAYOUTS = {  # name: (ranks, overrides)
     "tp2": (2, {"parallel.tp": 2}),
     "tp4": (4, {"parallel.tp": 4}),
@@ -40,39 +42,52 @@ def root(tmp_path_factory):
     return root
 
 
-def losses(run_dir, n=STEPS):
-    return [r["loss"] for r in read_metrics(run_dir)][:n]
+def column(run_dir, key, n=STEPS):
+    return [r[key] for r in read_metrics(run_dir)][:n]
 
 
-def assert_params_match(root, name, step):
-    ref = load_params(root / f"ref/checkpoints/step-{step:06d}")
-    got = load_params(root / name / f"checkpoints/step-{step:06d}")
-    assert got.keys() == ref.keys()
-    for k in ref:
-        torch.testing.assert_close(got[k], ref[k], **TOL, msg=lambda m, k=k: f"{name} {k}: {m}")
+def assert_matches_reference(root, name, steps):
+    assert_values_match(column(root / name, "loss", steps), column(root / "ref", "loss", steps), TOKENS,
+                        f"{name} loss")
+    assert_values_match(column(root / name, "grad_norm", steps), column(root / "ref", "grad_norm", steps), TOKENS,
+                        f"{name} grad_norm", c=C_GRAD)
+    ckpt = f"checkpoints/step-{steps:06d}"
+    assert_params_match(load_params(root / name / ckpt), load_params(root / "ref" / ckpt),
+                        initial_params(root / "ref"), steps, TOKENS, name)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(root, name):
-    torch.testing.assert_close(losses(root / name), losses(root / "ref"), **TOL)
-    assert_params_match(root, name, STEPS)
+    assert_matches_reference(root, name, STEPS)
 
 
-def test_tp_step_counts_bytes_by_kind(root):
-    """TP moves activations: all-gathers and reduce-scatters of the sequence-parallel
-    regions show up per step, and the metrics carry bytes for every kind."""
-    comm = read_metrics(root / "tp2")[0]["comm"]
-    assert comm["all_gather"]["count"] > 0 and comm["reduce_scatter"]["count"] > 0
-    assert comm["all_reduce"]["bytes"] > 0  # vocab-parallel log-sum-exp and the grad norm
-    dp = read_metrics(root / "tp2_dps2")[0]["comm"]
-    assert dp["all_gather"]["bytes"] > comm["all_gather"]["bytes"] / 2  # FSDP's parameter gathers on top
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_moves_the_analytic_bytes(root, name):
+    """Per rank and step, every collective kind moves exactly what the layout's analytic
+    model says: TP's activation gathers and reduce-scatters, FSDP's parameter gathers on
+    top with dp_shard, HSDP's replicate all-reduce with dp_replicate (and these counted
+    on the right mesh dimension)."""
+    from dist_train.comm_model import KINDS, dense_step_bytes
+    from dist_train.model import ModelArgs
+    from tests.equivalence import read_config
+
+    ranks, sets = LAYOUTS[name]
+    tp, dpr = sets["parallel.tp"], sets.get("parallel.dp_replicate", 1)
+    dps = ranks // (tp * dpr)
+    cfg = read_config(root / name)  # the model and batch (a resumed run's layout differs)
+    a = ModelArgs.from_config(cfg.model, cfg.data.seq_len, tokenizer_vocab=258)
+    expect = dense_step_bytes(a, tp, dps, dpr, cfg.data.seq_len, cfg.train.global_batch, cfg.train.micro_batch)
+    for r in read_metrics(root / name)[:STEPS]:
+        assert {k: r["comm"][k]["bytes"] // ranks for k in KINDS} == expect, (r["step"], r["comm"])
+        by_dim = r["comm_by_dim"]
+        assert ("dp_replicate" in by_dim) == (dpr > 1) and ("dp_shard" in by_dim) == (dps > 1), by_dim
+        assert by_dim["tp"]["count"] > 0
 
 
 @pytest.mark.parametrize("name", ["tp2_dps2", "base"])
 def test_checkpoint_resumes_on_another_layout(root, name):
     """tp=2 x dp_shard=2 continued as dp_shard=4, and a 1-rank run continued as
     tp=2 x dp_shard=2: the resumed steps equal the reference's."""
-    torch.testing.assert_close(losses(root / name, STEPS + 3), losses(root / "ref", STEPS + 3), **TOL)
-    assert_params_match(root, name, STEPS + 3)
+    assert_matches_reference(root, name, STEPS + 3)
     state = json.loads((root / name / f"checkpoints/step-{STEPS + 3:06d}/train_state.json").read_text())
     assert state["sampler"]["consumed_samples"] == (STEPS + 3) * 8
