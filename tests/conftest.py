@@ -20,6 +20,16 @@ def _data_cache(tmp_path_factory):
     os.environ["DIST_TRAIN_CACHE"] = str(tmp_path_factory.mktemp("dist-train-cache"))
 
 
+@pytest.fixture(scope="module")
+def triton_interpret():
+    """TRITON_INTERPRET=1 for one test module, then the previous value back. Kernels read it at
+    launch, so a module of interpreter tests can sit beside compiled-path ones; processes the
+    module spawns inherit it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
 def run_cli(*args: str, timeout: float = 300, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m dist_train ARGS` as a user would; output captured as text."""
     proc = subprocess.run([sys.executable, "-m", "dist_train", *args], capture_output=True, text=True,

@@ -1,6 +1,5 @@
 """Fused linear + cross-entropy: both backends against the unfused F.cross_entropy(x @ W.T),
 loss and both gradients; the vocab-parallel variant on 2 real gloo processes."""
-import os
 import socket
 
 import pytest
@@ -14,18 +13,7 @@ from dist_train.kernels.dispatch import resolve
 
 pytest.importorskip("triton")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpret():
-    """Run kernels in the CPU interpreter for this module only (read at launch time; the
-    spawned gloo workers inherit it)."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
+pytestmark = pytest.mark.usefixtures("triton_interpret")  # kernels run in the CPU interpreter
 
 
 def _naive(x, w, t, ignore_index=-100, label_smoothing=0.0):

@@ -1,6 +1,5 @@
 """MoE permute/unpermute: Triton (interpreter) against the torch reference and against a
 plain per-token loop; gradients for tokens, expert_out and probs; ragged and empty experts."""
-import os
 
 import pytest
 import torch
@@ -11,17 +10,7 @@ from dist_train.kernels.moe import IMPLEMENTED
 
 pytest.importorskip("triton")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpret():
-    """Run kernels in the CPU interpreter for this module only (read at launch time)."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
+pytestmark = pytest.mark.usefixtures("triton_interpret")  # kernels run in the CPU interpreter
 
 
 def _routing(n_tokens, top_k, num_experts, used, gen):

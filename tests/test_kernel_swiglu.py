@@ -1,5 +1,4 @@
 """SwiGLU: Triton (interpreter) against the torch reference, values and both gradients."""
-import os
 
 import pytest
 import torch
@@ -10,17 +9,7 @@ from dist_train.kernels.swiglu import IMPLEMENTED
 
 pytest.importorskip("triton")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpret():
-    """Run kernels in the CPU interpreter for this module only (read at launch time)."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
+pytestmark = pytest.mark.usefixtures("triton_interpret")  # kernels run in the CPU interpreter
 
 
 def _run(fn, gate, up, dy):
