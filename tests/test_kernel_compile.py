@@ -92,9 +92,7 @@ def _run_op(name, dtype):
         return torch.randn(*shape).to(dt).requires_grad_()
 
     if name == "rms_norm":
-        y, h = K.rms_norm(rand(2, 3, 96), rand(96), residual=rand(2, 3, 96), backend="triton")
-        torch.autograd.backward((y, h), (torch.ones_like(y), torch.ones_like(h)))
-        K.rms_norm(rand(4, 96), rand(96), backend="triton").sum().backward()
+        K.rms_norm(rand(2, 3, 96), rand(96), backend="triton").sum().backward()
     elif name == "swiglu":
         K.swiglu(rand(3, 40), rand(3, 40), backend="triton").sum().backward()
     elif name == "rope":

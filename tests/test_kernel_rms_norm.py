@@ -19,7 +19,7 @@ def _grads(fn, inputs, gen):
     outs = fn(*inputs)
     outs = outs if isinstance(outs, tuple) else (outs,)
     loss = sum((o.float() * torch.randn(o.shape, generator=gen)).sum() for o in outs)
-    grads = torch.autograd.grad(loss, [t for t in inputs if t is not None])
+    grads = torch.autograd.grad(loss, inputs)
     return outs, grads
 
 
@@ -29,29 +29,23 @@ def test_auto_picks_triton_under_interpreter():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 5, 37), (1, 1, 96), (3, 130)])
-@pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm_matches_reference(shape, dtype, with_residual):
+def test_rms_norm_matches_reference(shape, dtype):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).to(dtype).requires_grad_()
     w = (1 + 0.1 * torch.randn(shape[-1], generator=gen)).to(dtype).requires_grad_()
-    r = torch.randn(shape, generator=gen).to(dtype).requires_grad_() if with_residual else None
 
-    def ours(x, w, r=None):
-        return rms_norm(x, w, 1e-6, residual=r, backend="triton")
+    def ours(x, w):
+        return rms_norm(x, w, 1e-6, backend="triton")
 
-    def ref(x, w, r=None):
-        # fp32 reference on the same values; the residual sum rounded to the input dtype first
-        if r is None:
-            return rms_norm_reference(x.float(), w.float(), 1e-6)
-        h = (x + r).float()
-        return rms_norm_reference(h, w.float(), 1e-6), h
+    def ref(x, w):  # fp32 reference on the same values
+        return rms_norm_reference(x.float(), w.float(), 1e-6)
 
-    outs, grads = _grads(ours, (x, w, r), torch.Generator().manual_seed(1))
-    routs, rgrads = _grads(ref, (x, w, r), torch.Generator().manual_seed(1))
+    outs, grads = _grads(ours, (x, w), torch.Generator().manual_seed(1))
+    routs, rgrads = _grads(ref, (x, w), torch.Generator().manual_seed(1))
     for o, ro in zip(outs, routs):
         assert o.dtype == dtype and o.shape == x.shape
         torch.testing.assert_close(o.float(), ro, **TOL[dtype])
-    for g, rg, t in zip(grads, rgrads, [t for t in (x, w, r) if t is not None]):
+    for g, rg, t in zip(grads, rgrads, (x, w)):
         assert g.dtype == t.dtype
         tol = TOL[dtype] if dtype == torch.float32 else dict(atol=5e-2 * max(1.0, rg.abs().max().item()), rtol=5e-2)
         torch.testing.assert_close(g.float(), rg.float(), **tol)
@@ -72,14 +66,3 @@ def test_rms_norm_mixed_dtypes_and_noncontiguous():
     y = rms_norm(xb, w.detach(), backend="triton")
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), rms_norm_reference(xb.float(), w.detach()), atol=3e-2, rtol=3e-2)
-
-
-def test_rms_norm_only_h_used():
-    """With a residual, a graph that uses only h still sends its gradient to x and residual."""
-    x = torch.randn(2, 9, requires_grad=True)
-    r = torch.randn(2, 9, requires_grad=True)
-    w = torch.ones(9, requires_grad=True)
-    _, h = rms_norm(x, w, residual=r, backend="triton")
-    h.sum().backward()
-    torch.testing.assert_close(x.grad, torch.ones_like(x))
-    torch.testing.assert_close(r.grad, torch.ones_like(r))
