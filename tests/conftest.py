@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,6 +29,25 @@ def triton_interpret():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1")
         yield
+
+
+def kernel_tol(dtype, k: int = 1, scale: float = 1.0, roundings: int = 1, c: float = 4.0) -> dict:
+    """assert_close tolerances for a kernel's result in `dtype` against a reference computed in fp32
+    (or fp64) from the same input values, taken from the float formats, not from what one CPU
+    produced:
+    - rtol: the result is rounded from fp32 to `dtype` `roundings` times, each by at most one ulp,
+      eps = finfo(dtype).eps relative (half an ulp with round-to-nearest as on a GPU; a whole one
+      because the Triton interpreter truncates);
+    - both sides sum in fp32 in different orders: with k the summed length of the reductions
+      between the inputs and the result, their difference is about eps32 * sqrt(k) of the size of
+      the terms (rounding errors add like a random walk; c covers the spread). atol is that times
+      `scale`, the size of the result (e.g. max |reference|), which also covers entries that cancel
+      to about zero.
+    """
+    import torch
+
+    acc = c * torch.finfo(torch.float32).eps * math.sqrt(k)
+    return dict(rtol=roundings * torch.finfo(dtype).eps + acc, atol=acc * scale)
 
 
 def run_cli(*args: str, timeout: float = 300, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
