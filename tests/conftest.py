@@ -31,23 +31,28 @@ def triton_interpret():
         yield
 
 
-def kernel_tol(dtype, k: int = 1, scale: float = 1.0, roundings: int = 1, c: float = 4.0) -> dict:
+def kernel_tol(dtype, k: int = 1, scale: float = 1.0, roundings: int = 1, term_roundings: int = 0,
+               c: float = 4.0) -> dict:
     """assert_close tolerances for a kernel's result in `dtype` against a reference computed in fp32
     (or fp64) from the same input values, taken from the float formats, not from what one CPU
-    produced:
-    - rtol: the result is rounded from fp32 to `dtype` `roundings` times, each by at most one ulp,
-      eps = finfo(dtype).eps relative (half an ulp with round-to-nearest as on a GPU; a whole one
-      because the Triton interpreter truncates);
+    produced. eps = finfo(dtype).eps is one ulp at 1 (bf16: 2**-7; its unit roundoff is 2**-8).
+    - roundings: times the result itself is rounded from fp32 to `dtype`, each by at most one ulp
+      (half of one with round-to-nearest as on a GPU; a whole one because the Triton interpreter
+      truncates): rtol += roundings * eps;
+    - term_roundings: relative errors of eps each in the terms of a later sum (e.g. bf16 logits
+      or probabilities before a matmul): errors of the size of the terms, not of the result, so
+      atol += term_roundings * eps * scale;
     - both sides sum in fp32 in different orders: with k the summed length of the reductions
-      between the inputs and the result, their difference is about eps32 * sqrt(k) of the size of
-      the terms (rounding errors add like a random walk; c covers the spread). atol is that times
-      `scale`, the size of the result (e.g. max |reference|), which also covers entries that cancel
-      to about zero.
+      between the inputs and the result, they differ by about eps32 * sqrt(k) of the size of the
+      terms (rounding errors add like a random walk; c covers the spread): atol and rtol += that.
+    `scale` is the size of the terms, about max |reference|; it also covers entries that cancel
+    to about zero.
     """
     import torch
 
+    eps = torch.finfo(dtype).eps
     acc = c * torch.finfo(torch.float32).eps * math.sqrt(k)
-    return dict(rtol=roundings * torch.finfo(dtype).eps + acc, atol=acc * scale)
+    return dict(rtol=roundings * eps + acc, atol=(term_roundings * eps + acc) * scale)
 
 
 def run_cli(*args: str, timeout: float = 300, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
