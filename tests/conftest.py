@@ -55,6 +55,18 @@ def kernel_tol(dtype, k: int = 1, scale: float = 1.0, roundings: int = 1, term_r
     return dict(rtol=roundings * eps + acc, atol=(term_roundings * eps + acc) * scale)
 
 
+def bf16_running_sum(terms):
+    """Sum over the last dim the way a kernel keeping its running sum in bf16 would: every partial
+    sum rounded to bf16 (the terms themselves in fp32). For tests showing that a tolerance tells
+    fp32 from bf16 accumulation."""
+    import torch
+
+    acc = torch.zeros(terms.shape[:-1], dtype=torch.bfloat16)
+    for j in range(terms.shape[-1]):
+        acc = (acc.float() + terms[..., j].float()).bfloat16()
+    return acc.float()
+
+
 def run_cli(*args: str, timeout: float = 300, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m dist_train ARGS` as a user would; output captured as text."""
     proc = subprocess.run([sys.executable, "-m", "dist_train", *args], capture_output=True, text=True,

@@ -1,4 +1,5 @@
-"""Flash attention: Triton (interpreter) against SDPA, values and dq/dk/dv, GQA and ragged blocks."""
+"""Flash attention: Triton (interpreter) against SDPA, values and dq/dk/dv, GQA and ragged blocks;
+the softmax denominator and P @ V are shown to be accumulated in fp32."""
 import pytest
 import torch
 
@@ -66,6 +67,55 @@ def _bf16_tol(name, k_sum, ref):
     also carry the rounding of O to bf16: the backward's D = rowsum(dO * O) uses the stored O,
     and dS = P * (dP - D) passes D's error (one ulp of the terms) on to them."""
     return kernel_tol(torch.bfloat16, k=k_sum, scale=ref.abs().max().item(), term_roundings=int(name in ("dq", "dk")))
+
+
+def _flash_forward_bf16_state(q, k, v, block):
+    """The forward's online softmax with the running sum l and the accumulator acc rounded to bf16
+    after every block of `block` keys (what a kernel keeping them in bf16 computes); fp32 else."""
+    scale = q.shape[-1] ** -0.5
+    m = torch.full(q.shape[:-1], float("-inf"))
+    l = torch.zeros(q.shape[:-1])
+    acc = torch.zeros(q.shape)
+    for start in range(0, k.shape[-2], block):
+        s = q @ k[..., start:start + block, :].transpose(-1, -2) * scale
+        m_new = torch.maximum(m, s.amax(-1))
+        alpha, p = torch.exp(m - m_new), torch.exp(s - m_new[..., None])
+        l = (l * alpha + p.sum(-1)).bfloat16().float()
+        acc = (acc * alpha[..., None] + p @ v[..., start:start + block, :]).bfloat16().float()
+        m = m_new
+    return (acc / l[..., None]).bfloat16().float()
+
+
+def test_flash_attention_accumulates_in_fp32():
+    """The first key scores 10.375 above 4095 others, which then weigh e**-10.375 ~ 2**-15 each
+    against it: together an eighth of the softmax, but one key, and one block of 32 or 64 keys
+    (at most 2**-9), is under half a bf16 ulp (2**-8) of the running sum (near 1) and of the
+    accumulator (near v of the first key, 1.5). A running sum and accumulator kept in bf16 drop
+    them all: o would be 1.5 instead of about 1.21. The kernel (bf16 inputs) matches the fp32
+    reference within the bf16 tolerance, gradients too; the bf16-state forward, in blocks of 1,
+    32 or 64 keys, misses it on every element by over 10 times."""
+    sq, sk, d = 16, 4096, 16
+    gen = torch.Generator().manual_seed(5)
+    q = torch.zeros(1, 1, sq, d)
+    q[..., 0] = 4.0
+    k = torch.zeros(1, 1, sk, d)
+    k[:, :, 0, 0] = 10.375  # score 4 * 10.375 / sqrt(16); the others score 0
+    v = -(1 + 0.1 * torch.rand(1, 1, sk, d, generator=gen))
+    v[:, :, 0] = 1.5
+    do = torch.randn(1, 1, sq, d, generator=gen)
+    q, k, v, do = (t.bfloat16() for t in (q, k, v, do))
+    ours = _run(lambda q, k, v: flash_attention(q, k, v, False, backend="triton"), q, k, v, do)
+    ref = _run(lambda q, k, v: flash_attention_reference(q, k, v, False), q.float(), k.float(), v.float(), do.float())
+    k_sum = d + sk + sq
+    for name, a, r in zip(("o", "dq", "dk", "dv"), ours, ref):
+        torch.testing.assert_close(a.float(), r, **_bf16_tol(name, k_sum, r), msg=lambda m: f"{name}: {m}")
+
+    o_ref, tol = ref[0], _bf16_tol("o", k_sum, ref[0])
+    assert 1.15 < o_ref.mean().item() < 1.27  # the tail's eighth of the weight is really there
+    allowed = tol["atol"] + tol["rtol"] * o_ref.abs()
+    for block in (1, 32, 64):
+        o_bf16 = _flash_forward_bf16_state(q.float(), k.float(), v.float(), block)
+        assert ((o_bf16 - o_ref).abs() > 10 * allowed).all(), block
 
 
 def test_flash_attention_strided_inputs():

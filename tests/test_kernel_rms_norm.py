@@ -1,11 +1,12 @@
-"""RMSNorm: Triton (interpreter) against the torch reference, values and every gradient."""
+"""RMSNorm: Triton (interpreter) against the torch reference, values and every gradient; the sum
+of squares is shown to be accumulated in fp32."""
 import pytest
 import torch
 
 from dist_train.kernels import rms_norm, rms_norm_reference
 from dist_train.kernels.dispatch import resolve
 from dist_train.kernels.rms_norm import IMPLEMENTED
-from tests.conftest import kernel_tol
+from tests.conftest import bf16_running_sum, kernel_tol
 
 pytest.importorskip("triton")
 
@@ -78,3 +79,24 @@ def test_rms_norm_mixed_dtypes_and_noncontiguous():
     assert y.dtype == torch.bfloat16
     ref = rms_norm_reference(xb.float(), w.detach())
     torch.testing.assert_close(y.float(), ref, **_tol(torch.bfloat16, 20, ref))
+
+
+def test_rms_norm_sums_squares_in_fp32():
+    """Rows of 4096 bf16 values in [1, 1.1]: a running sum of squares kept in bf16 stops growing
+    near 512 (its ulp there, 4, is over twice each term), so 1/rms would come out about sqrt(8)
+    times too large. The kernel matches the fp32-accumulated reference within the bf16 tolerance;
+    the same computation with a bf16 running sum misses it on every element by over 10 times."""
+    rows, n_cols = 4, 4096
+    gen = torch.Generator().manual_seed(4)
+    x = (1 + 0.1 * torch.rand(rows, n_cols, generator=gen)).bfloat16()
+    w = (1 + 0.1 * torch.randn(n_cols, generator=gen)).bfloat16()
+    ref = rms_norm_reference(x.float(), w.float(), 1e-6)
+    tol = kernel_tol(torch.bfloat16, k=n_cols, scale=ref.abs().max().item())
+    y = rms_norm(x, w, 1e-6, backend="triton")
+    torch.testing.assert_close(y.float(), ref, **tol)
+
+    xf = x.float()
+    rstd_bf16 = torch.rsqrt(bf16_running_sum(xf * xf) / n_cols + 1e-6)
+    y_bf16 = (xf * rstd_bf16[:, None] * w.float()).bfloat16().float()
+    allowed = tol["atol"] + tol["rtol"] * ref.abs()
+    assert ((y_bf16 - ref).abs() > 10 * allowed).all()
