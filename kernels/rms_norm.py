@@ -1,9 +1,8 @@
-"""RMSNorm: y = x / sqrt(mean(x^2) + eps) * weight, optionally after a fused residual add.
+"""RMSNorm: y = x / sqrt(mean(x^2) + eps) * weight.
 
 Triton path: one program normalises a tile of rows (statistics in fp32), multiplying by the
-weight in the same pass; with a residual it also adds and stores h = x + residual there.
-The backward recomputes x_hat from the saved input and per-row 1/rms:
-    dx = rstd * (dy*w - x_hat * mean(dy*w * x_hat))          (+ grad flowing into h)
+weight in the same pass. The backward recomputes x_hat from the saved input and per-row 1/rms:
+    dx = rstd * (dy*w - x_hat * mean(dy*w * x_hat))
     dw = sum over rows of dy * x_hat                          (per-program partials, summed)
 """
 from __future__ import annotations
@@ -29,21 +28,14 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6)
 
 
 @kernel
-def _rms_norm_fwd_kernel(X, R, W, Y, H, RSTD, n_rows, n_cols, stride_x, stride_r, stride_y, stride_h, eps,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _rms_norm_fwd_kernel(X, W, Y, RSTD, n_rows, n_cols, stride_x, stride_y, eps,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     rmask = rows < n_rows
     mask = rmask[:, None] & (cols[None, :] < n_cols)
     rows64 = rows.to(tl.int64)
-    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(R + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
-        h = (x.to(tl.float32) + r.to(tl.float32)).to(H.dtype.element_ty)
-        tl.store(H + rows64[:, None] * stride_h + cols[None, :], h, mask=mask)
-        xf = h.to(tl.float32)  # normalise the rounded sum, as the unfused ops would
-    else:
-        xf = x.to(tl.float32)
+    xf = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=1) / n_cols + eps)
     y = xf * rstd[:, None] * w[None, :]
@@ -52,9 +44,8 @@ def _rms_norm_fwd_kernel(X, R, W, Y, H, RSTD, n_rows, n_cols, stride_x, stride_r
 
 
 @kernel
-def _rms_norm_bwd_kernel(DY, X, W, RSTD, DH, DX, DW_PART, n_rows, n_cols, stride_dy, stride_x, stride_dh,
-                         stride_dx, HAS_DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         TILES_PER_PROGRAM: tl.constexpr):
+def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, n_rows, n_cols, stride_dy, stride_x, stride_dx,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < n_cols
@@ -72,8 +63,6 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DH, DX, DW_PART, n_rows, n_cols, stride
         dyw = dy * w[None, :]
         c = tl.sum(dyw * x_hat, axis=1) / n_cols
         dx = (dyw - x_hat * c[:, None]) * rstd[:, None]
-        if HAS_DH:
-            dx += tl.load(DH + rows64[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         dw += tl.sum(dy * x_hat, axis=0)
     tl.store(DW_PART + pid * n_cols + cols, dw, mask=cmask)
@@ -92,75 +81,46 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 class _RMSNormTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, weight, eps):
+    def forward(ctx, x, weight, eps):
         shape, n_cols = x.shape, x.shape[-1]
         if weight.shape != (n_cols,):
             raise ValueError(f"weight shape {tuple(weight.shape)} does not match the last dim {n_cols}")
         x2 = _rows(x)
         n_rows = x2.shape[0]
         weight = weight.contiguous()
-        if residual is not None:
-            if residual.shape != shape:
-                raise ValueError(f"residual shape {tuple(residual.shape)} != x shape {tuple(shape)}")
-            r2 = _rows(residual)
-            h2 = torch.empty((n_rows, n_cols), dtype=torch.result_type(x, residual), device=x.device)
-        else:
-            r2 = h2 = x2
-        out_dtype = h2.dtype
-        y2 = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
+        y2 = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block_m, block_n = _tiles(n_cols)
         if n_rows:
             _rms_norm_fwd_kernel[(cdiv(n_rows, block_m),)](
-                x2, r2, weight, y2, h2, rstd, n_rows, n_cols, x2.stride(0), r2.stride(0), y2.stride(0),
-                h2.stride(0), float(eps), HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-                num_warps=num_warps_for(block_m * block_n))
-        ctx.save_for_backward(h2, weight, rstd)
-        ctx.has_residual = residual is not None
-        ctx.dtypes = (x.dtype, None if residual is None else residual.dtype, weight.dtype)
-        ctx.set_materialize_grads(False)
-        y = y2.view(shape)
-        if residual is None:
-            return y
-        return y, h2.view(shape)
+                x2, weight, y2, rstd, n_rows, n_cols, x2.stride(0), y2.stride(0), float(eps),
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps_for(block_m * block_n))
+        ctx.save_for_backward(x2, weight, rstd)
+        return y2.view(shape)
 
     @staticmethod
-    def backward(ctx, dy, dh=None):
-        h2, weight, rstd = ctx.saved_tensors
-        x_dtype, r_dtype, w_dtype = ctx.dtypes
-        n_rows, n_cols = h2.shape
-        if dy is None and dh is None:
-            return None, None, None, None
-        shape = (dy if dy is not None else dh).shape
-        if dy is None:  # only h was used downstream
-            dxh = dh.reshape(n_rows, n_cols).to(h2.dtype)
-            dw = torch.zeros_like(weight)
-        else:
-            dy2 = _rows(dy)
-            dh2 = _rows(dh) if dh is not None else dy2
-            dxh = torch.empty((n_rows, n_cols), dtype=h2.dtype, device=h2.device)
-            block_m, block_n = _tiles(n_cols)
-            n_tiles = cdiv(n_rows, block_m)
-            tiles_per_program = max(1, cdiv(n_tiles, 256))  # bounded dw partials
-            n_programs = cdiv(n_tiles, tiles_per_program)
-            dw_part = torch.empty((n_programs, n_cols), dtype=torch.float32, device=h2.device)
-            if n_rows:
-                _rms_norm_bwd_kernel[(n_programs,)](
-                    dy2, h2, weight, rstd, dh2, dxh, dw_part, n_rows, n_cols, dy2.stride(0), h2.stride(0),
-                    dh2.stride(0), dxh.stride(0), HAS_DH=dh is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-                    TILES_PER_PROGRAM=tiles_per_program, num_warps=num_warps_for(block_m * block_n))
-            dw = dw_part.sum(0).to(w_dtype)
-        dxh = dxh.view(shape)
-        dx = dxh.to(x_dtype) if ctx.needs_input_grad[0] else None
-        dr = dxh.to(r_dtype) if ctx.has_residual and ctx.needs_input_grad[1] else None
-        return dx, dr, (dw if ctx.needs_input_grad[2] else None), None
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        n_rows, n_cols = x2.shape
+        dy2 = _rows(dy)
+        dx2 = torch.empty((n_rows, n_cols), dtype=x2.dtype, device=x2.device)
+        block_m, block_n = _tiles(n_cols)
+        n_tiles = cdiv(n_rows, block_m)
+        tiles_per_program = max(1, cdiv(n_tiles, 256))  # bounded dw partials
+        n_programs = cdiv(n_tiles, tiles_per_program)
+        dw_part = torch.empty((n_programs, n_cols), dtype=torch.float32, device=x2.device)
+        if n_rows:
+            _rms_norm_bwd_kernel[(n_programs,)](
+                dy2, x2, weight, rstd, dx2, dw_part, n_rows, n_cols, dy2.stride(0), x2.stride(0), dx2.stride(0),
+                BLOCK_M=block_m, BLOCK_N=block_n, TILES_PER_PROGRAM=tiles_per_program,
+                num_warps=num_warps_for(block_m * block_n))
+        dx = dx2.view(dy.shape) if ctx.needs_input_grad[0] else None
+        dw = dw_part.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
 
 
-def rms_norm(x, weight, eps: float = 1e-6, *, residual=None, backend: str | None = None):
-    """Normalise the last dim of x. With `residual`, returns (norm(x + residual), x + residual)."""
+def rms_norm(x, weight, eps: float = 1e-6, *, backend: str | None = None):
+    """Normalise the last dim of x (output in x's dtype)."""
     if resolve(backend, x.device.type, IMPLEMENTED) == "triton":
-        return _RMSNormTriton.apply(x, residual, weight, eps)
-    if residual is None:
-        return rms_norm_reference(x, weight, eps)
-    h = x + residual
-    return rms_norm_reference(h, weight, eps), h
+        return _RMSNormTriton.apply(x, weight, eps)
+    return rms_norm_reference(x, weight, eps)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,6 +19,52 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def _data_cache(tmp_path_factory):
     """Prepare the bundled corpus once per test session, outside the user's cache."""
     os.environ["DIST_TRAIN_CACHE"] = str(tmp_path_factory.mktemp("dist-train-cache"))
+
+
+@pytest.fixture(scope="module")
+def triton_interpret():
+    """TRITON_INTERPRET=1 for one test module, then the previous value back. Kernels read it at
+    launch, so a module of interpreter tests can sit beside compiled-path ones; processes the
+    module spawns inherit it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+def kernel_tol(dtype, k: int = 1, scale: float = 1.0, roundings: int = 1, term_roundings: int = 0,
+               c: float = 4.0) -> dict:
+    """assert_close tolerances for a kernel's result in `dtype` against a reference computed in fp32
+    (or fp64) from the same input values, taken from the float formats, not from what one CPU
+    produced. eps = finfo(dtype).eps is one ulp at 1 (bf16: 2**-7; its unit roundoff is 2**-8).
+    - roundings: times the result itself is rounded from fp32 to `dtype`, each by at most one ulp
+      (half of one with round-to-nearest as on a GPU; a whole one because the Triton interpreter
+      truncates): rtol += roundings * eps;
+    - term_roundings: relative errors of eps each in the terms of a later sum (e.g. bf16 logits
+      or probabilities before a matmul): errors of the size of the terms, not of the result, so
+      atol += term_roundings * eps * scale;
+    - both sides sum in fp32 in different orders: with k the summed length of the reductions
+      between the inputs and the result, they differ by about eps32 * sqrt(k) of the size of the
+      terms (rounding errors add like a random walk; c covers the spread): atol and rtol += that.
+    `scale` is the size of the terms, about max |reference|; it also covers entries that cancel
+    to about zero.
+    """
+    import torch
+
+    eps = torch.finfo(dtype).eps
+    acc = c * torch.finfo(torch.float32).eps * math.sqrt(k)
+    return dict(rtol=roundings * eps + acc, atol=(term_roundings * eps + acc) * scale)
+
+
+def bf16_running_sum(terms):
+    """Sum over the last dim the way a kernel keeping its running sum in bf16 would: every partial
+    sum rounded to bf16 (the terms themselves in fp32). For tests showing that a tolerance tells
+    fp32 from bf16 accumulation."""
+    import torch
+
+    acc = torch.zeros(terms.shape[:-1], dtype=torch.bfloat16)
+    for j in range(terms.shape[-1]):
+        acc = (acc.float() + terms[..., j].float()).bfloat16()
+    return acc.float()
 
 
 def run_cli(*args: str, timeout: float = 300, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:

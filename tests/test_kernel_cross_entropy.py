@@ -1,31 +1,25 @@
 """Fused linear + cross-entropy: both backends against the unfused F.cross_entropy(x @ W.T),
-loss and both gradients; the vocab-parallel variant on 2 real gloo processes."""
-import os
+loss and both gradients; the memory claim (never the full logits) measured; the vocab-parallel
+variant on 2 real gloo processes."""
+import math
 import socket
+import weakref
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from dist_train.kernels import linear_cross_entropy, linear_cross_entropy_reference
 from dist_train.kernels.cross_entropy import IMPLEMENTED
 from dist_train.kernels.dispatch import resolve
+from tests.conftest import kernel_tol
 
 pytest.importorskip("triton")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpret():
-    """Run kernels in the CPU interpreter for this module only (read at launch time; the
-    spawned gloo workers inherit it)."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
+pytestmark = pytest.mark.usefixtures("triton_interpret")  # kernels run in the CPU interpreter
 
 
 def _naive(x, w, t, ignore_index=-100, label_smoothing=0.0):
@@ -85,12 +79,29 @@ def test_linear_cross_entropy_all_ignored_is_zero(backend):
 
 
 def test_linear_cross_entropy_bf16_against_fp32():
-    x, w, t = _inputs((2, 9), 32, 101, dtype=torch.bfloat16, seed=3)
-    ours = _run(linear_cross_entropy, x, w, t, label_smoothing=0.1, chunk_size=5, backend="triton")
+    rows, dim, vocab, chunk = 18, 32, 101, 5
+    x, w, t = _inputs((2, 9), dim, vocab, dtype=torch.bfloat16, seed=3)
+    ours = _run(linear_cross_entropy, x, w, t, label_smoothing=0.1, chunk_size=chunk, backend="triton")
     ref = _run(_naive, x.float(), w.float(), t, label_smoothing=0.1)
+    # The Triton path keeps each chunk's logits z and their gradient dz in bf16, statistics in
+    # fp32. Rounding z moves each by up to eps/2 * |z|, so lse and the target logit by up to
+    # that of max |z|: the loss by up to eps * max |z|, and each softmax probability relatively
+    # by as much. dz is rounded once more; dx = dz @ W is rounded once; dw adds one bf16
+    # product per chunk into fp32 and is rounded once at the end. The errors of dz (and of the
+    # chunk products) are of the size of the terms of dx and dw (term_roundings).
+    eps = torch.finfo(torch.bfloat16).eps
+    max_z = (x.float().reshape(rows, dim) @ w.float().t()).abs().max().item()
+    n_chunks = -(-rows // chunk)
+    k = dim + 2 * vocab + rows  # fp32 sums: logits, softmax, then dx (over vocab) or dw (rows)
+    term_roundings = {"dx": math.ceil(max_z) + 1, "dw": math.ceil(max_z) + 1 + n_chunks}
     for name, a, r in zip(("loss", "dx", "dw"), ours, ref):
         assert a.dtype == (torch.float32 if name == "loss" else torch.bfloat16), name
-        torch.testing.assert_close(a.float(), r, atol=2e-2, rtol=2e-2, msg=lambda m: f"{name}: {m}")
+        if name == "loss":
+            tol = kernel_tol(torch.float32, k=k, scale=r.item())
+            tol["atol"] += eps * max_z
+        else:
+            tol = kernel_tol(torch.bfloat16, k=k, scale=r.abs().max().item(), term_roundings=term_roundings[name])
+        torch.testing.assert_close(a.float(), r, **tol, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -101,11 +112,89 @@ def test_linear_cross_entropy_rejects_out_of_vocab_target(backend):
         linear_cross_entropy(x, w, t, backend=backend)
 
 
-def test_reference_is_the_torch_backend():
-    x, w, t = _inputs((4,), 8, 19, seed=4)
-    a = linear_cross_entropy_reference(x, w, t, chunk_size=3)
-    b = linear_cross_entropy(x, w, t, chunk_size=3, backend="torch")
-    torch.testing.assert_close(a, b)
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+def test_reference_chunked_equals_full_logits(ls):
+    """The chunked torch reference (8 chunks of 5 rows, the last of 2; odd dim and vocab) gives
+    the loss and both gradients of F.cross_entropy on the full logits."""
+    rows, dim, vocab = 37, 23, 97
+    x, w, t = _inputs((rows,), dim, vocab, seed=4)
+    ours = _run(linear_cross_entropy_reference, x, w, t, label_smoothing=ls, chunk_size=5)
+    ref = _run(_naive, x, w, t, label_smoothing=ls)
+    # reductions on the way: the logits (dim), the softmax over the vocab, then the mean over
+    # rows (loss), dz @ W over the vocab (dx) or dz^T x over the rows (dw)
+    for name, a, r in zip(("loss", "dx", "dw"), ours, ref):
+        tol = kernel_tol(torch.float32, k=dim + 2 * vocab + rows, scale=r.abs().max().item())
+        torch.testing.assert_close(a, r, **tol, msg=lambda m: f"{name}: {m}")
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the tensor storages that ops create (below autograd, so forward and backward),
+    held at once: a storage counts from the op that first returns it until the last tensor
+    returned on it is freed. `peak` and `largest` (one storage) over the mode's lifetime;
+    storages of the tensors passed in (inputs made before) are not counted."""
+
+    def __init__(self, *outside):
+        super().__init__()
+        self.outside = {t.untyped_storage().data_ptr() for t in outside}
+        self.live, self.now, self.peak, self.largest = {}, 0, 0, 0
+
+    def _release(self, ptr):
+        entry = self.live[ptr]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.now -= entry[0]
+            del self.live[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for o in tree_flatten(out)[0]:
+            if not isinstance(o, torch.Tensor):
+                continue
+            storage = o.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr == 0 or ptr in self.outside:
+                continue
+            if ptr not in self.live:
+                self.live[ptr] = [storage.nbytes(), 0]
+                self.now += storage.nbytes()
+                self.peak = max(self.peak, self.now)
+                self.largest = max(self.largest, storage.nbytes())
+            self.live[ptr][1] += 1
+            weakref.finalize(o, self._release, ptr)
+        return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_chunked_path_never_holds_the_full_logits(backend):
+    """Forward + backward of the chunked loss: no tensor larger than one chunk of logits, and at
+    most a fifth of one full logits tensor held at any time; the naive loss measured the same way
+    holds the full logits (so the measurement can fail)."""
+    rows, dim, vocab, chunk = 128, 4, 1024, 8
+    x, w, t = _inputs((rows,), dim, vocab, seed=5)
+    full = rows * vocab * 4  # fp32 logits
+    one_chunk = chunk * vocab * 4  # = full * chunk / rows = full / 16
+    # the largest tensors the chunked path makes are one chunk of logits (softmax and gradient
+    # are written over it) and the x- and w-sized gradients, which are smaller here
+    assert x.nbytes < one_chunk and w.nbytes <= one_chunk
+    # held at once, at most: the next chunk's logits beside the last one's (2 chunks), the
+    # gradients made in forward and their scaled copies in backward (2 x (x + w)), and a few
+    # per-row vectors (target, mask, scale, statistics: under 16 of 8 bytes a row)
+    peak_bound = 2 * one_chunk + 2 * (x.nbytes + w.nbytes) + 16 * 8 * rows
+    assert peak_bound < full / 4
+
+    measured = {}
+    for name in ("ours", "naive"):
+        xs, ws = x.detach().requires_grad_(), w.detach().requires_grad_()
+        with _LiveBytes(xs, ws, t) as mode:
+            if name == "ours":
+                loss = linear_cross_entropy(xs, ws, t, chunk_size=chunk, backend=backend)
+            else:
+                loss = _naive(xs, ws, t)
+            loss.backward()
+            del loss
+        measured[name] = dict(largest=mode.largest, peak=mode.peak)
+    assert measured["ours"]["largest"] <= one_chunk < full <= measured["naive"]["largest"], measured
+    assert measured["ours"]["peak"] <= peak_bound < full <= measured["naive"]["peak"], measured
 
 
 # ----------------------------------------------------------------------------- vocab parallel

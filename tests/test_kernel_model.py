@@ -1,7 +1,5 @@
 """A model step through the Triton kernels (CPU interpreter) equals the torch path:
 same loss, same gradient for every parameter."""
-import os
-
 import pytest
 import torch
 
@@ -10,17 +8,14 @@ from dist_train.model import ModelArgs, Transformer, init_weights
 
 pytest.importorskip("triton")
 
+pytestmark = pytest.mark.usefixtures("triton_interpret")  # kernels run in the CPU interpreter
+
 
 @pytest.fixture(autouse=True)
-def _interpret():
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
+def _default_backend():
+    """The tests switch the process-wide default backend; put it back for later modules."""
     yield
     kernels.set_default_backend("auto")
-    if old is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = old
 
 
 def _step(backend: str, tokens, targets):
