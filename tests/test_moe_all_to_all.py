@@ -19,6 +19,8 @@ WORLD, PER_NODE, DIM = 8, 4, 6
 
 def _splits(rank: int, case: str) -> list[int]:
     g = torch.Generator().manual_seed(100 + rank)
+    if case == "dense":  # at least one row to every rank: every chunk is a message
+        return [int(x) for x in torch.randint(1, 4, (WORLD,), generator=g)]
     if case == "skewed":  # most rows to rank 0, nothing ever to rank 5
         s = [int(x) for x in torch.randint(0, 3, (WORLD,), generator=g)]
         s[0] = 40 + rank
@@ -36,10 +38,12 @@ def _rows(rank: int, splits: list[int]) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, DIM)
 
 
-def _check_exchange(topo_flat, topo_h, rank: int) -> None:
+def _exchange(topo_flat, topo_h, rank: int, cases) -> torch.Tensor:
+    """Each case through both topologies, compared; returns the cross-node (messages flat,
+    messages hierarchical, bytes flat, bytes hierarchical) of all ranks."""
     from dist_train.parallel.hierarchical_all_to_all import all_to_all
 
-    for case in ("skewed", "random"):
+    for case in cases:
         splits = _splits(rank, case)
         outs, grads = [], []
         for topo in (topo_flat, topo_h):
@@ -55,17 +59,28 @@ def _check_exchange(topo_flat, topo_h, rank: int) -> None:
         expected = sum(_splits(src, case)[rank] for src in range(WORLD))
         assert y.shape[0] == expected, (rank, case, y.shape, expected)
         assert bool((y[:, 1] == rank).all()) and bool((y[:, 0][1:] >= y[:, 0][:-1]).all())  # mine, source order
-        if rank == 5:
+        if rank == 5 and case != "dense":
             assert y.shape[0] == 0
     fs, hs = topo_flat.stats.take(), topo_h.stats.take()
     stats = torch.tensor([fs["cross_node_messages"], hs["cross_node_messages"], fs["cross_node_bytes"],
                           hs["cross_node_bytes"]], dtype=torch.float64)
     dist.all_reduce(stats)
+    return stats
+
+
+def _check_exchange(topo_flat, topo_h, rank: int) -> None:
+    stats = _exchange(topo_flat, topo_h, rank, ("skewed", "random"))
     # the same bytes cross (a rank of the hierarchical scheme carries its node-mates' too)
     assert stats[2] == stats[3] > 0, stats.tolist()
     # per case 3 exchanges (counts, rows, their gradient): hierarchical at most P(N-1) = 8 messages across
     # nodes each; flat P(P-m) = 32 each, less the empty chunks (many here: sparse splits)
     assert stats[1] <= 2 * 3 * WORLD * (WORLD // PER_NODE - 1) and stats[1] * 3 < stats[0], stats.tolist()
+    # every chunk non-empty: 3 exchanges of P(P - m) = 32 messages flat and P(N - 1) = 8
+    # hierarchical across the 2 nodes, exactly m = 4 times fewer
+    dense = _exchange(topo_flat, topo_h, rank, ("dense",))
+    nodes = WORLD // PER_NODE
+    assert dense[0] == 3 * WORLD * (WORLD - PER_NODE) and dense[1] == 3 * WORLD * (nodes - 1), dense.tolist()
+    assert dense[0] == PER_NODE * dense[1] and dense[2] == dense[3] > 0, dense.tolist()
 
 
 def _check_moe(topo_flat, topo_h, ep_mesh, rank: int) -> None:
