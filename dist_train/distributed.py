@@ -58,7 +58,7 @@ def init_distributed(env: RankEnv, device: torch.device, timeout_s: float = 600.
     elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # Use the launcher agent's store (it outlives any rank, which the C4 detector
         # needs), under a prefix per restart: restarted workers would otherwise meet the
-        # previous attempt's keys and fail to connect (PLATFORM.md, pytorch#135712).
+        # previous attempt's keys and fail to connect on gloo (pytorch issue 135712).
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
                               is_master=False, timeout=timedelta(seconds=timeout_s))
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")

@@ -6,7 +6,7 @@ the group's `ProcessGroup` object. Registering a backend whose creator returns
 a Python subclass of `dist.ProcessGroup` puts us under all of them at once:
 monkeypatching `dist.*` misses DTensor and pipelining, the profiler has no
 group or sequence number, a TorchDispatchMode costs ~3x per op, and the flight
-recorder has no durations on gloo (measured, see docs PLATFORM.md).
+recorder has no durations on gloo (measured on torch 2.13).
 
 How: `register_observed_backend()` registers "observed" and returns the backend
 string for `dist.init_process_group(backend=...)`; `init_device_mesh` and
