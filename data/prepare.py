@@ -8,6 +8,7 @@ corpus into the cache, any other caller discards its copy and uses the published
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import shutil
@@ -36,10 +37,18 @@ class PrepareResult:
     tokens: int
     shards: int
     seconds: float
+    skipped_files: tuple[str, ...] = ()  # files found by walking a folder that held no text
+    verified: bool = False
 
     def summary(self) -> str:
-        return (f"{self.out_dir}: {self.documents} documents, {self.tokens} tokens in "
-                f"{self.shards} shard(s) ({self.seconds:.1f} s)")
+        """What a person reads after `dist-train prepare`."""
+        lines = [f"prepared {self.documents:,} documents, {self.tokens:,} tokens in {self.shards} shard(s) "
+                 f"in {self.seconds:.1f} s",
+                 f"  into {self.out_dir}" + ("  (every shard re-read and its CRC32 checked)" if self.verified else "")]
+        if self.skipped_files:
+            names = ", ".join(self.skipped_files[:5]) + (" ..." if len(self.skipped_files) > 5 else "")
+            lines.append(f"  skipped {len(self.skipped_files)} file(s) without text: {names}")
+        return "\n".join(lines)
 
 
 def default_cache_dir() -> Path:
@@ -51,14 +60,35 @@ def default_cache_dir() -> Path:
 def prepare(inputs: Sequence[str | Path], out_dir: str | Path, tokenizer_spec: str = BYTE_SPEC, *,
             shard_tokens: int = DEFAULT_SHARD_TOKENS, text_field: str = "text",
             shard_format: str = "arrow", overwrite: bool = False) -> PrepareResult:
-    """Tokenize text, JSONL and Parquet files (directories are walked) into `out_dir`."""
+    """Tokenize text, JSONL and Parquet files (directories are walked) into `out_dir`.
+
+    Nothing is published unless it holds text: zero documents or tokens in all, or a file
+    named on the command line that holds none (empty, only empty lines, every record's
+    text empty), is an error naming it, and `out_dir` keeps what it held. A file found by
+    walking a folder that holds no text is skipped and listed in the result."""
     files = expand_inputs(inputs)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
     tokenizer = load_tokenizer(tokenizer_spec)
-    docs = (doc for f in files for doc in iter_documents(f, text_field))
+    named = {Path(i).expanduser() for i in inputs}
+    skipped: list[str] = []
+
+    def docs():
+        for f in files:
+            n = 0
+            for doc in iter_documents(f, text_field):
+                n += 1
+                yield doc
+            if not n and f in named:
+                raise DataError(f"input {f} holds no text (empty, or every line or record's "
+                                f"{text_field!r} is empty); nothing was written to {out_dir}; "
+                                "fix the file or leave it out of the inputs")
+            if not n:
+                skipped.append(str(f))
+
     source = ", ".join(str(i) for i in inputs)
-    return _build(docs, out_dir, tokenizer, shard_tokens, shard_format, source, overwrite)
+    result = _build(docs(), out_dir, tokenizer, shard_tokens, shard_format, source, overwrite)
+    return dataclasses.replace(result, skipped_files=tuple(skipped))
 
 
 def prepare_bundled(out_dir: str | Path, tokenizer_spec: str = BYTE_SPEC, *,
@@ -89,6 +119,7 @@ def prepare_command(inputs: Sequence[str], out_dir: str | Path, tokenizer: str =
                          text_field=text_field, overwrite=overwrite)
     if verify:
         verify_shards(result.out_dir)
+        result = dataclasses.replace(result, verified=True)
     return result
 
 
@@ -167,6 +198,9 @@ def _build(docs: Iterable[str], out_dir: Path, tokenizer: Tokenizer, shard_token
         writer = ShardWriter(tmp, tokenizer, shard_tokens, shard_format, source)
         for doc in docs:
             writer.add_document(doc)
+        if not writer.documents or not writer.tokens:
+            raise DataError(f"{source or 'the inputs'} hold no text: 0 documents to write, so nothing "
+                            f"was written to {out_dir}; pass files with text in them")
         index = writer.close()
         published = _publish(tmp, out_dir, replace)
     finally:

@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--tokenizer", default="byte", help="'byte' or a HF tokenizer.json")
     sp.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    sp.add_argument("--verify", action="store_true", help="re-read every shard written and check its full CRC32")
     sp = sub.add_parser("report", help="draw a run's curves to RUN_DIR/report/*.png")
     sp.add_argument("run_dir")
     sp = sub.add_parser("drill", help="C4 drills: run a simulated job with an injected fault and check that "
@@ -73,7 +74,7 @@ def _prepare(args) -> None:
     from dist_train.data import prepare_command
 
     print(prepare_command(args.inputs, args.out, args.tokenizer, text_field=args.text_field,
-                          overwrite=args.overwrite))
+                          overwrite=args.overwrite, verify=args.verify).summary())
 
 
 def run(argv: list[str] | None = None) -> None:

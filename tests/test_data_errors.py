@@ -243,3 +243,62 @@ def test_bad_data_source(tmp_path, shard_dir):
 def test_bad_seq_len(shard_dir):
     with pytest.raises(DataError, match=r"data\.seq_len must be a positive integer, got 0"):
         TokenDataset(shard_dir, seq_len=0)
+
+
+# --- a prepare that finds no text publishes nothing ---------------------------------------
+
+def _good_shards(tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"document {i} has some words"}) + "\n" for i in range(40)))
+    out = tmp_path / "S"
+    prepare([docs], out)
+    return docs, out, {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+@pytest.mark.parametrize("content,name", [
+    ("", "empty.txt"),                                   # an empty file
+    ("\n\n   \n", "blank.jsonl"),                        # only empty lines
+    ('{"text": ""}\n{"text": ""}\n', "empty-records.jsonl"),  # every record's text empty
+])
+def test_prepare_without_text_keeps_what_out_held(tmp_path, content, name):
+    _, out, before = _good_shards(tmp_path)
+    bad = tmp_path / name
+    bad.write_text(content)
+    with pytest.raises(DataError, match=rf"input {bad} holds no text.*nothing was written to {out}"):
+        prepare([bad], out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # a named input without text is refused even beside good ones
+    docs = tmp_path / "docs.jsonl"
+    with pytest.raises(DataError, match=f"input {bad} holds no text"):
+        prepare([docs, bad], tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
+def test_prepare_of_a_folder_without_text_and_one_with_an_empty_file(tmp_path):
+    empty_dir = tmp_path / "nothing"
+    empty_dir.mkdir()
+    (empty_dir / "a.txt").write_text("")
+    with pytest.raises(DataError, match="hold no text: 0 documents to write"):
+        prepare([empty_dir], tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.txt").write_text("")
+    (mixed / "b.txt").write_text("some text")
+    res = prepare([mixed], tmp_path / "out")
+    assert res.documents == 1 and res.skipped_files == (str(mixed / "a.txt"),)
+    assert "skipped 1 file(s) without text" in res.summary()
+
+
+def test_prepare_command_prints_a_summary_not_a_repr(tmp_path):
+    from tests.conftest import run_cli
+
+    docs, _, _ = _good_shards(tmp_path)
+    proc = run_cli("prepare", str(docs), "--out", str(tmp_path / "T"), "--verify")
+    assert "PrepareResult" not in proc.stdout
+    assert "prepared 40 documents" in proc.stdout and "tokens in 1 shard(s)" in proc.stdout
+    assert str(tmp_path / "T") in proc.stdout and "CRC32 checked" in proc.stdout
+    (tmp_path / "e.txt").write_text("")
+    proc = run_cli("prepare", str(tmp_path / "e.txt"), "--out", str(tmp_path / "T"), "--overwrite", check=False)
+    assert proc.returncode == 2 and "holds no text" in proc.stderr and "Traceback" not in proc.stderr
+    assert read_index(tmp_path / "T").documents == 40
