@@ -55,10 +55,9 @@ import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
-C4_EXIT_CODE = 75  # ranks told to stop by the detector exit with this code
-PREFIX = "c4"
+from .wire import C4_EXIT_CODE, PendingOp, RankState, key
 
 
 @dataclass
@@ -88,100 +87,116 @@ class C4Settings:
         return asdict(self)
 
 
-def key(*parts) -> str:
-    return "/".join((PREFIX,) + tuple(str(p) for p in parts))
-
-
 # ----------------------------------------------------------------------------- rules
 
 
+class Wait(NamedTuple):
+    """A rank sitting in wait() for one op, and the members it waits for."""
+    rank: int
+    gid: str
+    group: str  # the group's name
+    op: str
+    seq: int
+    waited_s: float
+    missing: list  # members that have not entered the op
+    members: list
+
+
+def _in_wait(p: PendingOp | None) -> bool:
+    return p is not None and p.entered and p.waiting
+
+
+def _in_call(p: PendingOp | None) -> bool:
+    """Entered the op but not (yet) in wait(): inside the call itself."""
+    return p is not None and p.entered and not p.waiting
+
+
 def _group_threshold(states: dict, gid: str, st: C4Settings) -> float:
-    d90 = max((s["g"][gid].get("d90", 0.0) for s in states.values() if gid in s["g"]), default=0.0)
-    step = statistics.median([s.get("step_s", 0.0) for s in states.values()] or [0.0])
+    d90 = max((s.groups[gid].d90 for s in states.values() if gid in s.groups), default=0.0)
+    step = statistics.median([s.step_s for s in states.values()] or [0.0])
     T = max(st.hang_min_s, st.hang_factor * d90, st.hang_steps * step)
-    if any(not s.get("st") for s in states.values()):  # a run's first step: no timing yet,
+    if any(not s.steps for s in states.values()):  # a run's first step: no timing yet,
         T = max(T, st.startup_s)  # and lazy initialisation makes ranks arrive far apart
     return T
 
 
-def _reached(done: int, pending, seq: int) -> bool:
+def _reached(done: int, pending: PendingOp | None, seq: int) -> bool:
     """Op `seq` completed, or is the pending op and entered."""
-    return done >= seq or bool(pending and pending[0] == seq and pending[2])
+    return done >= seq or bool(pending and pending.seq == seq and pending.entered)
 
 
-def _entered(s: dict, gid: str, seq: int) -> bool:
-    g = s["g"].get(gid)
-    return g is not None and _reached(g["done"], g.get("p"), seq)
+def _entered(s: RankState, gid: str, seq: int) -> bool:
+    g = s.groups.get(gid)
+    return g is not None and _reached(g.done, g.pending, seq)
 
 
-def _entered_p2p(s: dict, gid: str, peer: int, seq: int) -> bool:
-    q = s["g"].get(gid, {}).get("pp", {}).get(str(peer))
-    return q is not None and _reached(q[0], q[1], seq)
+def _entered_p2p(s: RankState, gid: str, peer: int, seq: int) -> bool:
+    g = s.groups.get(gid)
+    link = g.peers.get(peer) if g is not None else None
+    return link is not None and _reached(link.done, link.pending, seq)
 
 
 def find_hangs(states: dict, stale: dict, st: C4Settings) -> dict | None:
-    """One hang finding (dict without time fields) or None. `states`: rank -> state
+    """One hang finding (dict without time fields) or None. `states`: rank -> RankState
     with ages already advanced to now; `stale`: rank -> seconds since its heartbeat moved."""
-    waits = []  # every op a rank sits in wait() for: (rank, gid, name, what, seq, waited_s, missing, members)
+    waits = []  # every op a rank sits in wait() for
     blocked = []  # ... those waiting longer than their group's threshold: a hang is under way
     for r, s in states.items():
-        for gid, g in s["g"].items():
+        for gid, g in s.groups.items():
             T = _group_threshold(states, gid, st)
-            p = g.get("p")
-            if p and p[2] and p[3]:
-                members = g["ranks"]
-                missing = [m for m in members if m != r and m in states and not _entered(states[m], gid, p[0])]
-                waits.append((r, gid, g["n"], p[1], p[0], p[4], missing, members))
-                if p[4] > T:
+            p = g.pending
+            if _in_wait(p):
+                members = g.ranks
+                missing = [m for m in members if m != r and m in states and not _entered(states[m], gid, p.seq)]
+                waits.append(Wait(r, gid, g.name, p.op, p.seq, p.seconds, missing, members))
+                if p.seconds > T:
                     blocked.append(waits[-1])
-            for peer, q in g.get("pp", {}).items():
-                p = q[1]
-                if p and p[2] and p[3]:
-                    peer = int(peer)
-                    missing = [] if peer not in states or _entered_p2p(states[peer], gid, r, p[0]) else [peer]
-                    waits.append((r, gid, g["n"], p[1], p[0], p[4], missing, [r, peer]))
-                    if p[4] > T:
+            for peer, link in g.peers.items():
+                p = link.pending
+                if _in_wait(p):
+                    missing = [] if peer not in states or _entered_p2p(states[peer], gid, r, p.seq) else [peer]
+                    waits.append(Wait(r, gid, g.name, p.op, p.seq, p.seconds, missing, [r, peer]))
+                    if p.seconds > T:
                         blocked.append(waits[-1])
     if not blocked:
         return None
-    waiters = {b[0] for b in blocked}
+    waiters = {b.rank for b in blocked}
     waited_on = _waited_on(blocked, waits)
     dead = sorted(r for r, age in stale.items() if age > st.stale_s and (r in waited_on or any(
-        r in b[7] for b in blocked)))
-    sinks = sorted(waited_on - {w[0] for w in waits})
-    chain = blocked + [w for w in waits if w[0] in waited_on and w not in blocked]
-    evidence = {"waiting": {str(b[0]): {"group": b[2], "op": b[3], "seq": b[4], "waited_s": round(b[5], 2),
-                                        "not_entered": b[6]} for b in chain}}
-    onset = max(b[5] for b in blocked)
+        r in b.members for b in blocked)))
+    sinks = sorted(waited_on - {w.rank for w in waits})
+    chain = blocked + [w for w in waits if w.rank in waited_on and w not in blocked]
+    evidence = {"waiting": {str(b.rank): {"group": b.group, "op": b.op, "seq": b.seq, "waited_s": round(b.waited_s, 2),
+                                          "not_entered": b.missing} for b in chain}}
+    onset = max(b.waited_s for b in blocked)
     if dead:
         evidence["heartbeat_stale_s"] = {str(r): round(stale[r], 2) for r in dead}
-        return {"kind": "non_comm_hang", "ranks": dead, "evidence": evidence, "group": blocked[0][2],
+        return {"kind": "non_comm_hang", "ranks": dead, "evidence": evidence, "group": blocked[0].group,
                 "since_onset_s": max(onset, max(stale[r] for r in dead)),
                 "why": "process not responding (heartbeat stale) while its peers wait for it"}
     if sinks:
         evidence["culprit_state"] = {str(r): _describe(states[r]) for r in sinks}
         # a culprit stuck inside a communication call of its own (a p2p recv whose sender
         # moved on, say) hangs in communication, though its peers wait elsewhere
-        waited = {r: min(b[5] for b in chain if r in b[6]) for r in sinks}
+        waited = {r: min(b.waited_s for b in chain if r in b.missing) for r in sinks}
         inside = [r for r in sinks if _inside_call_s(states[r]) >= 0.5 * waited[r]]
         if inside == sinks:
             evidence["stuck_inside_call"] = inside
-            return {"kind": "hang", "ranks": sinks, "evidence": evidence, "group": blocked[0][2],
+            return {"kind": "hang", "ranks": sinks, "evidence": evidence, "group": blocked[0].group,
                     "since_onset_s": onset,
                     "why": "stuck inside a communication call that never returns, while peers wait for it"}
-        return {"kind": "non_comm_hang", "ranks": sinks, "evidence": evidence, "group": blocked[0][2],
+        return {"kind": "non_comm_hang", "ranks": sinks, "evidence": evidence, "group": blocked[0].group,
                 "since_onset_s": onset, "why": "peers wait in a collective this rank never entered"}
-    full = [b for b in blocked if not b[6]]
+    full = [b for b in blocked if not b.missing]
     if full:
-        b = max(full, key=lambda b: b[5])
-        gid, seq, members = b[1], b[4], b[7]
-        inside = sorted(m for m in members if m in states and _stuck_inside(states[m], gid, seq, b[0]))
-        evidence["entered"] = members
+        b = max(full, key=lambda b: b.waited_s)
+        inside = sorted(m for m in b.members if m in states and _stuck_inside(states[m], b.gid, b.seq, b.rank))
+        evidence["entered"] = b.members
         evidence["stuck_inside_call"] = inside
-        return {"kind": "hang", "ranks": inside or sorted(members), "evidence": evidence, "group": b[2],
+        return {"kind": "hang", "ranks": inside or sorted(b.members), "evidence": evidence, "group": b.group,
                 "since_onset_s": onset,
                 "why": "every member entered the collective and it does not complete"}
-    return {"kind": "hang", "ranks": sorted(waiters), "evidence": evidence, "group": blocked[0][2],
+    return {"kind": "hang", "ranks": sorted(waiters), "evidence": evidence, "group": blocked[0].group,
             "since_onset_s": onset, "why": "ranks wait for each other in different collectives (a cycle)"}
 
 
@@ -191,9 +206,9 @@ def _waited_on(blocked: list, waits: list) -> set:
     later than the one before it)."""
     missing_of: dict = {}
     for w in waits:
-        missing_of.setdefault(w[0], []).extend(w[6])
+        missing_of.setdefault(w.rank, []).extend(w.missing)
     seen: set = set()
-    todo = [m for b in blocked for m in b[6]]
+    todo = [m for b in blocked for m in b.missing]
     while todo:
         m = todo.pop()
         if m not in seen:
@@ -202,36 +217,37 @@ def _waited_on(blocked: list, waits: list) -> set:
     return seen
 
 
-def _stuck_inside(s: dict, gid: str, seq: int, peer_of_p2p: int) -> bool:
+def _stuck_inside(s: RankState, gid: str, seq: int, peer_of_p2p: int) -> bool:
     """Entered the op but never reached wait(): stuck inside the call itself."""
-    g = s["g"].get(gid, {})
-    p = g.get("p")
-    if p and p[0] == seq and p[2] and not p[3]:
+    g = s.groups.get(gid)
+    if g is None:
+        return False
+    if _in_call(g.pending) and g.pending.seq == seq:
         return True
-    q = g.get("pp", {}).get(str(peer_of_p2p))
-    return bool(q and q[1] and q[1][2] and not q[1][3])
+    link = g.peers.get(peer_of_p2p)
+    return link is not None and _in_call(link.pending)
 
 
-def _pending_ops(s: dict):
+def _pending_ops(s: RankState):
     """(group name, pending op) for each collective and p2p op a rank has pending."""
-    for g in s["g"].values():
-        if g.get("p"):
-            yield g["n"], g["p"]
-        for q in g.get("pp", {}).values():
-            if q[1]:
-                yield g["n"], q[1]
+    for g in s.groups.values():
+        if g.pending:
+            yield g.name, g.pending
+        for link in g.peers.values():
+            if link.pending:
+                yield g.name, link.pending
 
 
-def _inside_call_s(s: dict) -> float:
+def _inside_call_s(s: RankState) -> float:
     """Longest time the rank has been inside a communication call (entered, no wait() yet)."""
-    return max((p[4] for _, p in _pending_ops(s) if p[2] and not p[3]), default=0.0)
+    return max((p.seconds for _, p in _pending_ops(s) if _in_call(p)), default=0.0)
 
 
-def _describe(s: dict) -> dict:
-    out = {"step": s.get("step"), "phase": s.get("phase")}
+def _describe(s: RankState) -> dict:
+    out = {"step": s.step, "phase": s.phase}
     for name, p in _pending_ops(s):
-        what = f"{name}#{p[0]} {p[1]} for {p[4]:.2f}s"
-        out["waiting_in" if p[3] else "inside" if p[2] else "held_before"] = what
+        what = f"{name}#{p.seq} {p.op} for {p.seconds:.2f}s"
+        out["waiting_in" if p.waiting else "inside" if p.entered else "held_before"] = what
     if not out.keys() & {"held_before", "inside", "waiting_in"}:
         out["doing"] = "outside any collective (compute or host code)"
     return out
@@ -240,21 +256,21 @@ def _describe(s: dict) -> dict:
 def find_slow(states: dict, st: C4Settings) -> list[dict]:
     """slow_rank and slow_link findings from the per-step waits of the last window."""
     W = st.slow_window
-    gids = sorted({gid for s in states.values() for gid in s["g"]})
-    step_time = {r: {e[0]: e for e in s.get("st", [])} for r, s in states.items()}
+    gids = sorted({gid for s in states.values() for gid in s.groups})
+    step_time = {r: {e.step: e for e in s.steps} for r, s in states.items()}
     ranks_out, links, transfer = {}, [], {}
     for gid in gids:
-        members = next(s["g"][gid]["ranks"] for s in states.values() if gid in s["g"])
-        if len(members) < 2 or any(m not in states or gid not in states[m]["g"] for m in members):
+        members = next(s.groups[gid].ranks for s in states.values() if gid in s.groups)
+        if len(members) < 2 or any(m not in states or gid not in states[m].groups for m in members):
             continue
-        w = {m: {int(e[0]): e[1] for e in states[m]["g"][gid].get("w", [])} for m in members}
-        nops = statistics.median([e[2] for e in states[members[0]]["g"][gid].get("w", []) if len(e) > 2] or [0])
-        start = max(states[m].get("start", 0) for m in members) + st.warmup_steps
+        w = {m: {int(e.step): e.wait_s for e in states[m].groups[gid].waits} for m in members}
+        nops = statistics.median([e.ops for e in states[members[0]].groups[gid].waits] or [0])
+        start = max(states[m].start for m in members) + st.warmup_steps
         common = sorted(set.intersection(*(set(v) for v in w.values())))
         window = [x for x in common if x > start][-W:]
         if len(window) < W:
             continue
-        name = states[members[0]]["g"][gid]["n"]
+        name = states[members[0]].groups[gid].name
         last = [min(members, key=lambda m: w[m][x]) for x in window]
         mins = [w[last[i]][x] for i, x in enumerate(window)]
         transfer[gid] = ((name, nops), members, statistics.median(mins), window)
@@ -267,17 +283,17 @@ def find_slow(states: dict, st: C4Settings) -> list[dict]:
             if not idx:
                 continue
             times = [step_time[R][window[i]] for i in idx]
-            step_s = statistics.median(e[1] for e in times)
-            own_wait = statistics.median(e[3] for e in times)
+            step_s = statistics.median(e.step_s for e in times)
+            own_wait = statistics.median(e.wait_s for e in times)
             # in all its groups together it waits less than its peers do, by most of the gap
             # (a rank late only because it waited for the slow one elsewhere does not)
-            lead = statistics.median(statistics.median([step_time[m][window[i]][3] for m in members if m != R])
-                                     - step_time[R][window[i]][3] for i in idx)
+            lead = statistics.median(statistics.median([step_time[m][window[i]].wait_s for m in members if m != R])
+                                     - step_time[R][window[i]].wait_s for i in idx)
             exm = statistics.median(ex)
             if exm >= st.slow_ratio * step_s and lead >= 0.5 * exm:
                 f = ranks_out.setdefault(R, {"kind": "slow_rank", "ranks": [R], "group": name, "evidence": {
                     "groups": {}, "arrived_last": f"{len(idx)}/{W} steps", "step_s": round(step_s, 4),
-                    "own_wait_s": round(own_wait, 4)}, "window": window, "onset_wall": times[0][2] - step_s,
+                    "own_wait_s": round(own_wait, 4)}, "window": window, "onset_wall": times[0].wall_end - step_s,
                     "step": window[-1], "why": "its peers consistently wait for it to enter their collectives"})
                 f["evidence"]["groups"][name] = {"peers_wait_s": round(exm, 4), "members": members}
     # siblings: same mesh dim and the same collectives per step (homogeneous work)
@@ -314,23 +330,22 @@ def _p2p_links(states: dict, step_time: dict, st: C4Settings) -> list[dict]:
     W = st.slow_window
     pairs = {}  # (name, a, b) -> (median per-step minimum, ops per step, window)
     for r, s in states.items():
-        for g in s["g"].values():
-            for peer, q in g.get("pw", {}).items():
-                peer = int(peer)
+        for g in s.groups.values():
+            for peer, q in g.peer_steps.items():
                 if peer <= r or peer not in states:
                     continue
-                theirs = next((g2["pw"].get(str(r)) for g2 in states[peer]["g"].values()
-                               if g2["n"] == g["n"] and str(r) in g2.get("pw", {})), None)
+                theirs = next((g2.peer_steps.get(r) for g2 in states[peer].groups.values()
+                               if g2.name == g.name and r in g2.peer_steps), None)
                 if not theirs:
                     continue
-                mine, other = {e[0]: e for e in q}, {e[0]: e for e in theirs}
-                start = max(states[r].get("start", 0), states[peer].get("start", 0)) + st.warmup_steps
+                mine, other = {e.step: e for e in q}, {e.step: e for e in theirs}
+                start = max(states[r].start, states[peer].start) + st.warmup_steps
                 window = [x for x in sorted(mine.keys() & other.keys()) if x > start][-W:]
                 if len(window) < W:
                     continue
-                tr = statistics.median(min(mine[x][1], other[x][1]) for x in window)
-                ops = statistics.median(max(mine[x][3], other[x][3]) for x in window)
-                pairs[(g["n"], r, peer)] = (tr, ops, window)
+                tr = statistics.median(min(mine[x].shortest_s, other[x].shortest_s) for x in window)
+                ops = statistics.median(max(mine[x].ops, other[x].ops) for x in window)
+                pairs[(g.name, r, peer)] = (tr, ops, window)
     links = []
     for (name, a, b), (tr, ops, window) in pairs.items():
         others = [t for (n2, a2, b2), (t, _, _) in pairs.items() if n2 == name and (a2, b2) != (a, b)]
@@ -350,14 +365,14 @@ def _p2p_links(states: dict, step_time: dict, st: C4Settings) -> list[dict]:
 
 def _window_step_s(step_time: dict, ranks: list, window: list) -> float | None:
     """Median step time of `ranks` over the steps of `window` (None: no step timed there)."""
-    times = [step_time[m][x][1] for m in ranks for x in window if x in step_time[m]]
+    times = [step_time[m][x].step_s for m in ranks for x in window if x in step_time[m]]
     return statistics.median(times) if times else None
 
 
 def _link_finding(ranks: list, group: str, evidence: dict, step_time: dict, window: list, step_s: float,
                   why: str) -> dict:
     """A slow_link finding; its onset is the start of the window's first step."""
-    t0 = [step_time[ranks[0]][x][2] for x in window if x in step_time[ranks[0]]]
+    t0 = [step_time[ranks[0]][x].wall_end for x in window if x in step_time[ranks[0]]]
     return {"kind": "slow_link", "ranks": ranks, "group": group, "evidence": {**evidence, "step_s": round(step_s, 4)},
             "window": window, "step": window[-1], "onset_wall": (t0[0] - step_s) if t0 else None, "why": why}
 
@@ -408,7 +423,7 @@ class Watcher:
             raw = self.store.multi_get(keys)
         else:
             raw = [self.store.get(k) if self.store.check([k]) else None for k in keys]
-        return {r: json.loads(v) for r, v in enumerate(raw) if v}
+        return {r: RankState.from_json(json.loads(v)) for r, v in enumerate(raw) if v}
 
     def poll(self) -> list[dict]:
         """One round: read, detect, write and act; returns new findings."""
@@ -418,27 +433,28 @@ class Watcher:
             return []
         stale = {}
         for r, s in states.items():
-            hb = (s["hb"], s["pid"])
+            hb = (s.hb, s.pid)
             old = self.hb.get(r)
             if old is None or old[0] != hb:
                 self.hb[r] = old = (hb, now)
             stale[r] = now - old[1]
-            self.pids[s["pid"]] = (self.attempt, r, s.get("run"))
+            self.pids[s.pid] = (self.attempt, r, s.run)
             _advance(s, stale[r])
         self.states = states
         self._sigstop(states)
         new = []
         for s in states.values():
-            for ev in s.get("health", []):
-                new += self._emit({"kind": ev.pop("kind"), "ranks": [s["r"]], "group": None, "evidence": ev,
-                                   "since_onset_s": 0.0, "run": s.get("run")}, states, wall,
-                                  dedupe=("health", s["r"], ev.get("id")))
-        if self.acted or len(states) < self.world or any(s.get("phase") == "done" for s in states.values()):
+            for ev in s.health:
+                ev = dict(ev)
+                new += self._emit({"kind": ev.pop("kind"), "ranks": [s.rank], "group": None, "evidence": ev,
+                                   "since_onset_s": 0.0, "run": s.run}, states, wall,
+                                  dedupe=("health", s.rank, ev.get("id")))
+        if self.acted or len(states) < self.world or any(s.phase == "done" for s in states.values()):
             return new
-        st = C4Settings.from_dict(states[min(states)].get("cfg"))
+        st = C4Settings.from_dict(states[min(states)].cfg)
         if all(age > st.stale_s for age in stale.values()):
             return new  # the whole attempt is gone (the launcher is restarting it): nothing to compare
-        runs = {s.get("run") for s in states.values()}
+        runs = {s.run for s in states.values()}
         if len(runs) != 1:
             return new
         if not self._i_write(states, stale, st):
@@ -446,7 +462,7 @@ class Watcher:
         # A rank busy on purpose (writing a checkpoint) keeps its peers waiting legitimately:
         # not a culprit while its heartbeat is fresh (one that stopped is not busy, whatever
         # it last said). Slow-rank windows skip such phases too.
-        busy = {r for r, s in states.items() if s.get("phase") != "train" and stale[r] <= st.stale_s}
+        busy = {r for r, s in states.items() if s.phase != "train" and stale[r] <= st.stale_s}
         hang = find_hangs(states, stale, st)
         if hang is not None and busy & set(hang["ranks"]):
             hang = None
@@ -458,7 +474,8 @@ class Watcher:
             return new
         if dump := os.environ.get("DIST_TRAIN_C4_DUMP"):  # debugging aid: every state read
             with open(dump, "a") as fh:
-                fh.write(json.dumps({"t": wall, "stale": stale, "states": states}) + "\n")
+                fh.write(json.dumps({"t": wall, "stale": stale, "states": {r: s.to_json() for r, s in states.items()}})
+                         + "\n")
         if busy:
             return new
         for f in find_slow(states, st):
@@ -483,16 +500,19 @@ class Watcher:
                 if self.store.add(key(f"a{self.attempt}", "f", "-".join(map(str, dedupe))), 1) != 1:
                     return []
         first = states.get(f["ranks"][0]) if f["ranks"] else None
-        run = f.pop("run", None) or (first or next(iter(states.values()))).get("run")
+        run = f.pop("run", None)
+        if not run:
+            src = first or next(iter(states.values()), None)
+            run = src.run if src else None
         step = f.pop("step", None)
         if step is None:
-            step = max(s.get("step", 0) for s in states.values())
-        out = {"kind": f["kind"], "ranks": f["ranks"], "host": (first or {}).get("host"),
+            step = max((s.step for s in states.values()), default=0)
+        out = {"kind": f["kind"], "ranks": f["ranks"], "host": first.host if first else None,
                "group": f.get("group"), "step": step, "attempt": self.attempt,
                "since_onset_s": round(f["since_onset_s"], 2) if f.get("since_onset_s") is not None else None,
                "time": wall, "why": f.get("why"), "evidence": f.get("evidence")}
         if first is not None:
-            out["pids"] = [states[r]["pid"] for r in f["ranks"] if r in states]
+            out["pids"] = [states[r].pid for r in f["ranks"] if r in states]
         with self._lock:
             self.findings.append(out)
         if run:
@@ -524,9 +544,9 @@ class Watcher:
         if self.kill_local:
             for r in f["ranks"]:
                 s = states.get(r)
-                if s and s.get("host") == self.host and s["pid"] != os.getpid():
+                if s and s.host == self.host and s.pid != os.getpid():
                     try:
-                        os.kill(s["pid"], signal.SIGKILL)
+                        os.kill(s.pid, signal.SIGKILL)
                     except OSError:
                         pass
 
@@ -535,16 +555,16 @@ class Watcher:
         for item in list(self.sigstops):
             run, inj = item
             s = states.get(inj.rank)
-            if s is None or s.get("phase") != "train" or (run and s.get("run") != str(run)):
+            if s is None or s.phase != "train" or (run and s.run != str(run)):
                 continue
-            if s.get("step", 0) >= inj.step and s.get("host") == self.host:
+            if s.step >= inj.step and s.host == self.host:
                 self.sigstops.remove(item)
-                os.kill(s["pid"], signal.SIGSTOP)
-                self.log(f"fault injection: SIGSTOP sent to rank {inj.rank} (pid {s['pid']}) at step {s['step']}")
-                d = Path(s["run"]) / "c4"
+                os.kill(s.pid, signal.SIGSTOP)
+                self.log(f"fault injection: SIGSTOP sent to rank {inj.rank} (pid {s.pid}) at step {s.step}")
+                d = Path(s.run) / "c4"
                 d.mkdir(parents=True, exist_ok=True)
                 with open(d / "injections.jsonl", "a") as fh:
-                    fh.write(json.dumps({"time": time.time(), "rank": inj.rank, "step": s["step"],
+                    fh.write(json.dumps({"time": time.time(), "rank": inj.rank, "step": s.step,
                                          "spec": inj.text, "event": "fired"}) + "\n")
 
     def note_exit(self, pid: int, exitcode) -> None:
@@ -553,11 +573,11 @@ class Watcher:
         if info is None or self.acted or exitcode == C4_EXIT_CODE:
             return
         attempt, r, run = info
-        s = self.states.get(r, {})
+        s = self.states.get(r)
         self._emit({"kind": "crash", "ranks": [r], "group": None, "since_onset_s": None, "run": run,
-                    "step": s.get("step"), "evidence": {"exitcode": exitcode, "pid": pid},
+                    "step": s.step if s else None, "evidence": {"exitcode": exitcode, "pid": pid},
                     "why": f"the process exited with code {exitcode}"},
-                   self.states or {r: s}, time.time(), dedupe=("crash", r, attempt))
+                   self.states, time.time(), dedupe=("crash", r, attempt))
         self.acted = True  # the agent restarts this attempt: its dying ranks are not findings
 
     def run(self, stop: threading.Event, interval: float = 0.2) -> None:
@@ -569,12 +589,11 @@ class Watcher:
             stop.wait(interval)
 
 
-def _advance(s: dict, extra: float) -> None:
+def _advance(s: RankState, extra: float) -> None:
     """Ages in a state were measured when it was published: add the time since."""
-    for g in s.get("g", {}).values():
-        p = g.get("p")
-        if p:
-            p[4] += extra
-        for q in g.get("pp", {}).values():
-            if q[1]:
-                q[1][4] += extra
+    for g in s.groups.values():
+        if g.pending:
+            g.pending.seconds += extra
+        for link in g.peers.values():
+            if link.pending:
+                link.pending.seconds += extra

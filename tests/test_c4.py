@@ -13,6 +13,7 @@ from dist_train.config import Config, ConfigError, load_config
 from dist_train.fault.detector import C4Settings, find_hangs, find_slow
 from dist_train.fault.inject import FaultInjector, InjectError, parse_spec
 from dist_train.fault.recorder import CollectiveRecorder
+from dist_train.fault.wire import GroupSnapshot, PeerLink, PeerStep, PendingOp, RankState, StepTime, StepWait
 from tests.conftest import run_cli
 
 # ----------------------------------------------------------------------------- specs
@@ -94,15 +95,15 @@ def test_background_work_is_not_stuck_until_waited(tmp_path):
     with rec.background():
         gather = rec.begin(st, "allgather", "all_gather", 8)
     assert not gather.counted and gather.background
-    assert mon.state()["g"]["0"]["p"] is None  # issued, not waited: blocks no one
+    assert mon.state().groups["0"].pending is None  # issued, not waited: blocks no one
     later = rec.begin(st, "allgather", "all_gather", 8)
-    assert mon.state()["g"]["0"]["p"][0] == later.seq  # an ordinary op in the call is shown
+    assert mon.state().groups["0"].pending.seq == later.seq  # an ordinary op in the call is shown
     gather.t_wait = gather.t_enter + 1
-    assert mon.state()["g"]["0"]["p"][0] == gather.seq  # waited for now: the oldest pending op
+    assert mon.state().groups["0"].pending.seq == gather.seq  # waited for now: the oldest pending op
     later.t_wait = later.t_enter
     st.end(later)
     st.end(gather)
-    assert st.last_completed is later and mon.state()["g"]["0"]["done"] == later.seq
+    assert st.last_completed is later and mon.state().groups["0"].done == later.seq
 
 
 
@@ -123,26 +124,44 @@ def test_p2p_waits_count_in_the_step_wait_and_per_peer(tmp_path):
             st.end(rec.begin(st, "recv", "send_recv", 8, peers=(2, 0), p2p_peer=2))
         st.p2p_wait_ns[2], st.p2p_min_ns[2] = 32_000_000, 2_000_000  # ... as if they took 30 ms and 2 ms
         mon.step_end(1, 0.1)
-        assert mon._steps[-1][3] == 0.032  # the step's wait: all of it in p2p
-        assert mon.state()["g"]["0"]["pw"] == {"2": [[1, 0.002, 0.032, 2]]}
+        assert mon._steps[-1].wait_s == 0.032  # the step's wait: all of it in p2p
+        assert mon.state().groups["0"].peer_steps == {2: [PeerStep(1, 0.002, 0.032, 2)]}
         assert st.p2p_min_ns == {}  # reset for the next step
     finally:
         mon.close()
 
+
+def test_wire_records_round_trip_through_json():
+    """What the publisher writes is what the watcher reads back, field by field."""
+    s = RankState(1, "h", 7, "/x", 3, "train", 5, 2, 0.1, steps=[StepTime(5, 0.1, 1000.0, 0.02)],
+                  groups={"g": GroupSnapshot("pp", [1, 3], 9, 8, "send", _inside(9, 0.5), 0.001, 0.002,
+                                             [StepWait(5, 0.02, 4)], {3: PeerLink(4, _waiting(5, 1.0, "recv"))},
+                                             {3: [PeerStep(5, 0.001, 0.03, 8)]})},
+                  cfg={"stale_s": 1.5}, health=[{"kind": "gpu_xid", "id": 1}], attempt=2, time=1234.5)
+    assert RankState.from_json(json.loads(json.dumps(s.to_json()))) == s
+
+
 # ----------------------------------------------------------------------------- rules
 
 
+def _waiting(seq, seconds, op="allreduce"):
+    """A pending op the rank sits in wait() for."""
+    return PendingOp(seq, op, entered=True, waiting=True, seconds=seconds)
+
+
+def _inside(seq, seconds, op="allreduce"):
+    """A pending op the rank entered but never reached wait() in."""
+    return PendingOp(seq, op, entered=True, waiting=False, seconds=seconds)
+
+
 def _g(name, ranks, done, p=None, w=(), d90=0.002, pp=None):
-    g = {"n": name, "ranks": list(ranks), "seq": done + (1 if p else 0), "done": done, "op": "allreduce",
-         "p": p, "d50": 0.001, "d90": d90, "w": [list(x) for x in w]}
-    if pp:
-        g["pp"] = pp
-    return g
+    return GroupSnapshot(name, list(ranks), done + (1 if p else 0), done, op="allreduce", pending=p, d50=0.001,
+                         d90=d90, waits=[StepWait(*x) for x in w], peers=dict(pp or {}))
 
 
 def _s(r, groups, steps=(), step_s=0.1, phase="train"):
-    return {"r": r, "host": "h", "pid": 100 + r, "run": "/x", "hb": 1, "phase": phase, "step": 10, "start": 0,
-            "step_s": step_s, "st": [list(x) for x in (steps or [(1, step_s, 1000.0, 0.0)])], "g": groups}
+    return RankState(r, "h", 100 + r, "/x", 1, phase, 10, 0, step_s,
+                     steps=[StepTime(*x) for x in (steps or [(1, step_s, 1000.0, 0.0)])], groups=groups)
 
 
 ST = C4Settings()
@@ -150,8 +169,8 @@ ST = C4Settings()
 
 def test_hang_inside_a_collective_names_the_rank_stuck_in_the_call():
     W = [0, 1, 2, 3]
-    states = {r: _s(r, {"g0": _g("dp", W, 41, [42, "allreduce", 1, 1, 3.0])}) for r in W}
-    states[2]["g"]["g0"]["p"] = [42, "allreduce", 1, 0, 3.0]  # entered, never reached wait()
+    states = {r: _s(r, {"g0": _g("dp", W, 41, _waiting(42, 3.0))}) for r in W}
+    states[2].groups["g0"].pending = _inside(42, 3.0)  # entered, never reached wait()
     f = find_hangs(states, {r: 0.1 for r in W}, ST)
     assert f["kind"] == "hang" and f["ranks"] == [2]
     assert f["evidence"]["entered"] == W and f["since_onset_s"] == 3.0
@@ -159,20 +178,20 @@ def test_hang_inside_a_collective_names_the_rank_stuck_in_the_call():
 
 def test_wait_below_the_relative_threshold_is_not_a_hang():
     W = [0, 1]
-    states = {r: _s(r, {"g0": _g("dp", W, 41, [42, "allreduce", 1, 1, 1.2])}) for r in W}
+    states = {r: _s(r, {"g0": _g("dp", W, 41, _waiting(42, 1.2))}) for r in W}
     assert find_hangs(states, {0: 0, 1: 0}, ST) is None  # below hang_min_s
-    states = {r: _s(r, {"g0": _g("dp", W, 41, [42, "allreduce", 1, 1, 2.5], d90=0.5)}) for r in W}
+    states = {r: _s(r, {"g0": _g("dp", W, 41, _waiting(42, 2.5), d90=0.5)}) for r in W}
     assert find_hangs(states, {0: 0, 1: 0}, ST) is None  # 10 x the group's p90 = 5 s
-    states = {r: _s(r, {"g0": _g("dp", W, 41, [42, "allreduce", 1, 1, 2.5])}, step_s=1.0) for r in W}
+    states = {r: _s(r, {"g0": _g("dp", W, 41, _waiting(42, 2.5))}, step_s=1.0) for r in W}
     assert find_hangs(states, {0: 0, 1: 0}, ST) is None  # 3 x the step time
 
 
 def test_first_step_of_a_run_gets_the_startup_grace():
     W = [0, 1]
-    states = {r: _s(r, {"g0": _g("dp", W, 41, [42, "allreduce", 1, 1, 5.0])}) for r in W}
-    states[1]["g"]["g0"]["p"] = None  # rank 1 still initialising
+    states = {r: _s(r, {"g0": _g("dp", W, 41, _waiting(42, 5.0))}) for r in W}
+    states[1].groups["g0"].pending = None  # rank 1 still initialising
     assert find_hangs(states, {0: 0, 1: 0}, ST)["ranks"] == [1]
-    states[1]["st"] = []  # ...before finishing any step of this run: lazy init, not a hang yet
+    states[1].steps = []  # ...before finishing any step of this run: lazy init, not a hang yet
     assert find_hangs(states, {0: 0, 1: 0}, ST) is None
 
 
@@ -181,10 +200,10 @@ def test_non_comm_hang_follows_the_chain_to_the_rank_that_waits_for_nobody():
     # dp for 1; 2 waits in tp for 3. The culprit is 1, not 3.
     tp01, tp23, dp13, dp02 = [0, 1], [2, 3], [1, 3], [0, 2]
     states = {
-        0: _s(0, {"a": _g("tp", tp01, 6, [7, "allreduce", 1, 1, 2.0]), "c": _g("dp", dp02, 3)}),
+        0: _s(0, {"a": _g("tp", tp01, 6, _waiting(7, 2.0)), "c": _g("dp", dp02, 3)}),
         1: _s(1, {"a": _g("tp", tp01, 6), "d": _g("dp", dp13, 3)}),
-        2: _s(2, {"b": _g("tp", tp23, 6, [7, "allreduce", 1, 1, 1.9]), "c": _g("dp", dp02, 3)}),
-        3: _s(3, {"b": _g("tp", tp23, 6), "d": _g("dp", dp13, 3, [4, "allreduce", 1, 1, 1.8])}),
+        2: _s(2, {"b": _g("tp", tp23, 6, _waiting(7, 1.9)), "c": _g("dp", dp02, 3)}),
+        3: _s(3, {"b": _g("tp", tp23, 6), "d": _g("dp", dp13, 3, _waiting(4, 1.8))}),
     }
     f = find_hangs(states, {r: 0.1 for r in states}, ST)
     assert f["kind"] == "non_comm_hang" and f["ranks"] == [1]
@@ -193,14 +212,14 @@ def test_non_comm_hang_follows_the_chain_to_the_rank_that_waits_for_nobody():
 
 def test_stopped_rank_is_named_by_its_stale_heartbeat():
     W = [0, 1, 2, 3]
-    states = {r: _s(r, {"g0": _g("dp", W, 41, [42, "allreduce", 1, 1, 2.0])}) for r in W}
+    states = {r: _s(r, {"g0": _g("dp", W, 41, _waiting(42, 2.0))}) for r in W}
     f = find_hangs(states, {0: 0.1, 1: 0.1, 2: 2.5, 3: 0.1}, ST)  # all entered; 2 stopped inside
     assert f["kind"] == "non_comm_hang" and f["ranks"] == [2] and "2" in f["evidence"]["heartbeat_stale_s"]
 
 
 def test_p2p_wait_names_the_sender_that_never_sent():
-    states = {0: _s(0, {"p": _g("pp", [0, 1], 0, pp={"1": [4, None]})}),
-              1: _s(1, {"p": _g("pp", [0, 1], 0, pp={"0": [4, [5, "recv", 1, 1, 2.2]]})})}
+    states = {0: _s(0, {"p": _g("pp", [0, 1], 0, pp={1: PeerLink(4)})}),
+              1: _s(1, {"p": _g("pp", [0, 1], 0, pp={0: PeerLink(4, _waiting(5, 2.2, "recv"))})})}
     f = find_hangs(states, {0: 0.1, 1: 0.1}, ST)
     assert f["kind"] == "non_comm_hang" and f["ranks"] == [0]
 
@@ -211,13 +230,13 @@ def test_p2p_hang_inside_a_recv_is_a_communication_hang():
     # rank 0's send completed, so 0 waits for a backward recv that 1 never posts. 1 is
     # not outside communication: it is a hang, named by the rank stuck in the call.
     # (p2p ops are numbered per peer: 0's send #4 matched 1's recv #4)
-    states = {0: _s(0, {"p": _g("pp", [0, 1], 0, pp={"1": [4, [5, "recv", 1, 1, 2.2]]})}),
-              1: _s(1, {"p": _g("pp", [0, 1], 0, pp={"0": [3, [4, "recv", 1, 0, 2.4]]})})}
+    states = {0: _s(0, {"p": _g("pp", [0, 1], 0, pp={1: PeerLink(4, _waiting(5, 2.2, "recv"))})}),
+              1: _s(1, {"p": _g("pp", [0, 1], 0, pp={0: PeerLink(3, _inside(4, 2.4, "recv"))})})}
     f = find_hangs(states, {0: 0.1, 1: 0.1}, ST)
     assert f["kind"] == "hang" and f["ranks"] == [1]
     assert f["evidence"]["stuck_inside_call"] == [1]
     assert "pp#4 recv" in f["evidence"]["culprit_state"]["1"]["inside"]
-    states[1]["g"]["p"]["pp"]["0"][1][4] = 0.01  # only just entered: passing through, 1 is late
+    states[1].groups["p"].peers[0].pending.seconds = 0.01  # only just entered: passing through, 1 is late
     assert find_hangs(states, {0: 0.1, 1: 0.1}, ST)["kind"] == "non_comm_hang"
 
 def test_chain_is_followed_through_ranks_waiting_below_the_threshold():
@@ -225,11 +244,14 @@ def test_chain_is_followed_through_ranks_waiting_below_the_threshold():
     # recv #47 from 0; 1 waits (past the threshold) on 3, which has waited a little less
     # long, in the dp all-gather that 2 never entered. The culprit is 2, not 3.
     states = {
-        0: _s(0, {"p0": _g("pp", [0, 2], 0, pp={"2": [46, [47, "send", 1, 1, 1.51]]}), "d0": _g("dp", [0, 1], 30)}),
-        1: _s(1, {"p1": _g("pp", [1, 3], 0, pp={"3": [47, [48, "send", 1, 1, 1.54]]}), "d0": _g("dp", [0, 1], 30)}),
-        2: _s(2, {"p0": _g("pp", [0, 2], 0, pp={"0": [46, [47, "recv", 1, 0, 1.56]]}), "d1": _g("dp", [2, 3], 30)}),
-        3: _s(3, {"p1": _g("pp", [1, 3], 0, pp={"1": [47, None]}),
-                  "d1": _g("dp", [2, 3], 30, [31, "allgather", 1, 1, 1.44])}),
+        0: _s(0, {"p0": _g("pp", [0, 2], 0, pp={2: PeerLink(46, _waiting(47, 1.51, "send"))}),
+                  "d0": _g("dp", [0, 1], 30)}),
+        1: _s(1, {"p1": _g("pp", [1, 3], 0, pp={3: PeerLink(47, _waiting(48, 1.54, "send"))}),
+                  "d0": _g("dp", [0, 1], 30)}),
+        2: _s(2, {"p0": _g("pp", [0, 2], 0, pp={0: PeerLink(46, _inside(47, 1.56, "recv"))}),
+                  "d1": _g("dp", [2, 3], 30)}),
+        3: _s(3, {"p1": _g("pp", [1, 3], 0, pp={1: PeerLink(47)}),
+                  "d1": _g("dp", [2, 3], 30, _waiting(31, 1.44, "allgather"))}),
     }
     f = find_hangs(states, {r: 0.1 for r in states}, ST)
     assert f["kind"] == "hang" and f["ranks"] == [2], f
@@ -273,7 +295,7 @@ def test_slow_rank_not_confused_with_ranks_it_made_late():
               1: {"a": _g("tp", [0, 1], 9, w=w(0.002)), "d": _g("dp", [1, 3], 9, w=w(0.002))},
               2: {"b": _g("tp", [2, 3], 9, w=w(0.1)), "c": _g("dp", [0, 2], 9, w=w(0.002))},
               3: {"b": _g("tp", [2, 3], 9, w=w(0.002)), "d": _g("dp", [1, 3], 9, w=w(0.1))}}
-    states = {r: _s(r, g, steps=[(i + 1, 0.2, 1000.0 + i * 0.2, sum(x["w"][0][1] for x in g.values()))
+    states = {r: _s(r, g, steps=[(i + 1, 0.2, 1000.0 + i * 0.2, sum(x.waits[0].wait_s for x in g.values()))
                                  for i in range(n)], step_s=0.2) for r, g in groups.items()}
     f = find_slow(states, ST)
     assert [(x["kind"], x["ranks"]) for x in f] == [("slow_rank", [1])]
@@ -288,7 +310,7 @@ def test_slow_link_against_sibling_groups():
               1: {"a": _g("tp", [0, 1], 9, w=w(0.001)), "d": _g("dp", [1, 3], 9, w=w(0.082))},
               2: {"b": _g("tp", [2, 3], 9, w=w(0.06)), "c": _g("dp", [0, 2], 9, w=w(0.003))},
               3: {"b": _g("tp", [2, 3], 9, w=w(0.001)), "d": _g("dp", [1, 3], 9, w=w(0.08))}}
-    states = {r: _s(r, g, steps=[(a, b, c, sum(x["w"][0][1] for x in g.values())) for a, b, c, _ in st],
+    states = {r: _s(r, g, steps=[(a, b, c, sum(x.waits[0].wait_s for x in g.values())) for a, b, c, _ in st],
                     step_s=0.2) for r, g in groups.items()}
     f = find_slow(states, ST)
     assert [(x["kind"], x["ranks"]) for x in f] == [("slow_link", [1, 3])]
@@ -297,14 +319,14 @@ def test_slow_link_against_sibling_groups():
 
 def _pipeline(shortest_ms, wait_ms, n=10, ops=8):
     """pp=2 x dp=2 states: pp pairs {0,2} and {1,3}; per rank its per-step shortest p2p op
-    and p2p wait (ms) with its stage peer, as the publisher's "pw" entries."""
+    and p2p wait (ms) with its stage peer, as the publisher's peer_steps."""
     peer = {0: 2, 2: 0, 1: 3, 3: 1}
     out = {}
     for r in range(4):
         pw = [(i + 1, shortest_ms[r] / 1e3, wait_ms[r] / 1e3, ops) for i in range(n)]
         st = [(i + 1, 0.2, 1000.0 + i * 0.2, 0.0) for i in range(n)]
         g = _g("pp", sorted((r, peer[r])), 0)
-        g["pw"] = {str(peer[r]): [list(e) for e in pw]}
+        g.peer_steps = {peer[r]: [PeerStep(*e) for e in pw]}
         out[r] = _s(r, {f"pp{min(r, peer[r])}": g}, steps=st, step_s=0.2)
     return out
 
