@@ -27,9 +27,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .detector import C4Settings, Watcher
 from .inject import FaultInjector, parse_specs
 from .recorder import CollectiveRecorder, _now
+from .settings import C4Settings
+from .watcher import Watcher
 from .wire import C4_EXIT_CODE, GroupSnapshot, PeerLink, PeerStep, PendingOp, RankState, StepTime, StepWait, key
 
 

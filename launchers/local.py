@@ -91,7 +91,7 @@ def c4_watch(port: int, nproc: int, sigstops=(), enabled: bool = True):
     from datetime import timedelta
 
     import torch.distributed as dist
-    from dist_train.fault.detector import Watcher
+    from dist_train.fault.watcher import Watcher
 
     from dist_train.c4 import DETECTOR_ENV, STORE_ENV
 

@@ -10,9 +10,10 @@ import pytest
 
 from dist_train.c4 import settings_of
 from dist_train.config import Config, ConfigError, load_config
-from dist_train.fault.detector import C4Settings, find_hangs, find_slow
 from dist_train.fault.inject import FaultInjector, InjectError, parse_spec
 from dist_train.fault.recorder import CollectiveRecorder
+from dist_train.fault.rules import find_hangs, find_slow
+from dist_train.fault.settings import C4Settings
 from dist_train.fault.wire import GroupSnapshot, PeerLink, PeerStep, PendingOp, RankState, StepTime, StepWait
 from tests.conftest import run_cli
 

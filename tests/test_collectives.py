@@ -229,7 +229,7 @@ def _c4_fields(rank, rec, C, out, outdir):
     import threading
 
     import torch.distributed as dist
-    from dist_train.fault.detector import C4Settings
+    from dist_train.fault.settings import C4Settings
     from dist_train.fault.publisher import Monitor
     from dist_train.fault.wire import RankState, key
 
