@@ -3,13 +3,14 @@ drill launch (real gloo processes, 4 ranks) that runs every fault kind on rank 0
 rank 3, plus a 300-step run with 20% per-rank jitter that must produce no finding."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
 import pytest
 
 from dist_train.c4 import settings_of
-from dist_train.config import Config, ConfigError, load_config
+from dist_train.config import C4Section, Config, ConfigError, load_config
 from dist_train.fault.inject import FaultInjector, InjectError, parse_spec
 from dist_train.fault.recorder import CollectiveRecorder
 from dist_train.fault.rules import find_hangs, find_slow
@@ -48,9 +49,19 @@ def test_good_specs_and_config_errors():
         load_config("configs/tiny.toml", ["c4.slow_ratio=0"])
 
 
-def test_detector_defaults_are_the_config_defaults():
-    # fault/ does not import the config; the two default sets must not drift apart
+def test_config_section_is_derived_from_the_detector_settings():
+    # fault/ does not import the config: [c4] is C4Settings' fields (defaults, help, ranges) plus `enabled`
+    section = {f.name: f for f in dataclasses.fields(C4Section)}
+    assert list(section) == ["enabled"] + [f.name for f in dataclasses.fields(C4Settings)]
+    for f in dataclasses.fields(C4Settings):
+        assert (section[f.name].default, section[f.name].metadata) == (f.default, f.metadata), f.name
     assert settings_of(Config()) == C4Settings()
+    cfg = load_config(None, ["c4.enabled=true", "c4.stale_s=2", "c4.detector=ranks"])
+    assert settings_of(cfg) == C4Settings(stale_s=2.0, detector="ranks") and "stale_s = 2.0" in cfg.to_toml()
+    with pytest.raises(ConfigError, match="c4.interval_s = 9.0: must be <= 5.0"):
+        load_config(None, ["c4.interval_s=9.0"])
+    with pytest.raises(ConfigError, match="c4.detector = 'nowhere': must be one of"):
+        load_config(None, ["c4.detector=nowhere"])
 
 
 # ----------------------------------------------------------------------------- injector
