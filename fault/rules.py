@@ -22,7 +22,10 @@ the job's own timing:
   own, such as a pipeline recv whose sender's send already completed); with no one
   missing it is a hang, named by the members that entered but never reached
   `wait()` (stuck inside the call) or, failing that, the whole group. A member whose
-  heartbeat is stale (a stopped or dead process) is named as a non_comm_hang in either case.
+  heartbeat is stale (a stopped or dead process) is named as a non_comm_hang in either case,
+  and a rank's stale state is never evidence against others: the pending ops of a rank not
+  heard from for `lag_s` are not waits, and while such a rank is not yet stale the hang
+  rules wait (a frozen rank's last state can look like a wait for someone else).
 - slow_rank: over the last `slow_window` steps, per group, the rank that waits
   least (arrives last) is the same one in >= slow_consistency of the steps, the
   others wait for it by >= slow_ratio of the step time, and it does not itself
@@ -97,10 +100,19 @@ def _entered_p2p(s: RankState, gid: str, peer: int, seq: int) -> bool:
     return link is not None and _reached(link.done, link.pending, seq)
 
 
-def _waits(states: dict, st: C4Settings) -> tuple[list, list]:
-    """Every op a rank sits in wait() for, and those of them past their group's threshold."""
+def lag_s(st: C4Settings) -> float:
+    """A heartbeat older than this missed about two publications: the rank's state may be its
+    last one (a stopped process), so what it says the rank is doing is no longer evidence."""
+    return max(2.5 * st.interval_s, 0.5)
+
+
+def _waits(states: dict, st: C4Settings, unheard: set) -> tuple[list, list]:
+    """Every op a rank sits in wait() for, and those of them past their group's threshold.
+    An `unheard` rank's own pending ops are not waits (peers still read what it entered)."""
     waits, blocked = [], []
     for r, s in states.items():
+        if r in unheard:
+            continue
         for gid, g in s.groups.items():
             T = _group_threshold(states, gid, st)
             p = g.pending
@@ -161,9 +173,14 @@ class _Hang:
 
 def find_hangs(states: dict, stale: dict, st: C4Settings) -> dict | None:
     """One hang finding (dict without time fields) or None. `states`: rank -> RankState
-    with ages already advanced to now; `stale`: rank -> seconds since its heartbeat moved."""
-    waits, blocked = _waits(states, st)
-    if not blocked:
+    with ages already advanced to now; `stale`: rank -> seconds since its heartbeat moved.
+    A rank gone quiet wins over anything read from its last state: while one lags (quiet for
+    longer than `lag_s`, not yet `stale_s`) and someone is blocked, no finding yet; once
+    stale it is named by its heartbeat."""
+    lag = lag_s(st)
+    unheard = {r for r, age in stale.items() if age > lag}
+    waits, blocked = _waits(states, st, unheard)
+    if not blocked or any(stale[r] <= st.stale_s for r in unheard):
         return None
     waited_on = _waited_on(blocked, waits)
     chain = blocked + [w for w in waits if w.rank in waited_on and w not in blocked]

@@ -271,6 +271,75 @@ def test_chain_is_followed_through_ranks_waiting_below_the_threshold():
                                              "not_entered": [2]}
 
 
+def _stopped_in_allgather(since_stop):
+    """Reported: rank 0 of 4 (dp_shard=4) is SIGSTOPped just after publishing that it waits in
+    all-gather #41, which then completes on its peers; rank 1 waits in #42 for rank 0 (2 and
+    3 began waiting a little later). The watcher ages rank 0's pending op by the time since
+    its heartbeat moved (`since_stop`), as it does for every state."""
+    W = [0, 1, 2, 3]
+    states = {r: _s(r, {"d": _g("dp", W, 41, _waiting(42, since_stop + 0.33 - 0.08 * (r > 1), "allgather"))})
+              for r in W}
+    states[0].groups["d"] = _g("dp", W, 40, _waiting(41, 0.05 + since_stop, "allgather"))
+    return states, {0: since_stop, 1: 0.1, 2: 0.1, 3: 0.1}
+
+
+def test_a_rank_going_stale_is_not_read_as_waiting_in_a_cycle():
+    # 1.53 s after rank 1 began waiting, rank 0's heartbeat is 1.2 s old: lagging, not yet
+    # stale. Its own state is no evidence (it made a "cycle" with rank 1): wait, then name it.
+    states, stale = _stopped_in_allgather(1.2)
+    assert find_hangs(states, stale, ST) is None
+    states, stale = _stopped_in_allgather(1.6)
+    f = find_hangs(states, stale, ST)
+    assert f["kind"] == "non_comm_hang" and f["ranks"] == [0] and "0" in f["evidence"]["heartbeat_stale_s"]
+    assert "0" not in f["evidence"]["waiting"]  # its stale pending op is not shown as a wait
+
+
+def test_a_rank_going_stale_in_a_pipeline_is_not_read_as_waiting():
+    # pp=2 x dp_shard=2 (pp pairs {0,2}, {1,3}; dp pairs {0,1}, {2,3}): rank 0 stopped; its last
+    # state waits in the dp all-gather #31 that rank 1 completed; 1 waits in #32 for 0, 2 in
+    # its recv #47 for 0's send, 3 in dp #32 for 2.
+    def frozen(since_stop):
+        states = {
+            0: _s(0, {"p0": _g("pp", [0, 2], 0, pp={2: PeerLink(46)}),
+                      "d0": _g("dp", [0, 1], 30, _waiting(31, 0.05 + since_stop, "allgather"))}),
+            1: _s(1, {"p1": _g("pp", [1, 3], 0, pp={3: PeerLink(47)}),
+                      "d0": _g("dp", [0, 1], 31, _waiting(32, since_stop + 0.35, "allgather"))}),
+            2: _s(2, {"p0": _g("pp", [0, 2], 0, pp={0: PeerLink(46, _waiting(47, since_stop + 0.2, "recv"))}),
+                      "d1": _g("dp", [2, 3], 31)}),
+            3: _s(3, {"p1": _g("pp", [1, 3], 0, pp={1: PeerLink(47)}),
+                      "d1": _g("dp", [2, 3], 31, _waiting(32, since_stop + 0.1, "allgather"))}),
+        }
+        return states, {0: since_stop, 1: 0.1, 2: 0.1, 3: 0.1}
+
+    assert find_hangs(*frozen(1.2), ST) is None
+    f = find_hangs(*frozen(1.6), ST)
+    assert f["kind"] == "non_comm_hang" and f["ranks"] == [0] and "0" in f["evidence"]["heartbeat_stale_s"]
+
+
+def test_a_stale_rank_s_own_pending_op_blocks_no_one():
+    # rank 2 stopped (heartbeat stale) while its last state waited in an all-reduce its peers
+    # have not reached yet: its aged op is not a wait, so there is no hang until a peer waits
+    W = [0, 1, 2, 3]
+    states = {r: _s(r, {"g0": _g("dp", W, 41)}) for r in W}
+    states[2].groups["g0"] = _g("dp", W, 41, _waiting(42, 2.6))
+    stale = {0: 0.1, 1: 0.1, 2: 2.5, 3: 0.1}
+    assert find_hangs(states, stale, ST) is None
+    for r in (0, 1, 3):
+        states[r].groups["g0"] = _g("dp", W, 41, _waiting(42, 1.6))
+    f = find_hangs(states, stale, ST)
+    assert f["kind"] == "non_comm_hang" and f["ranks"] == [2] and "2" in f["evidence"]["heartbeat_stale_s"]
+
+
+def test_a_lagging_rank_defers_the_hang_rules_only_while_someone_is_blocked():
+    # a hang among fresh ranks (2 stuck inside the call) waits while rank 0's heartbeat lags ...
+    W = [0, 1, 2, 3]
+    states = {r: _s(r, {"g0": _g("dp", W, 41, _waiting(42, 3.0))}) for r in W}
+    states[2].groups["g0"].pending = _inside(42, 3.0)
+    assert find_hangs(states, {0: 0.8, 1: 0.1, 2: 0.1, 3: 0.1}, ST) is None
+    # ... and is found once it is heard from again (a heartbeat within the lag is fresh)
+    assert find_hangs(states, {0: 0.4, 1: 0.1, 2: 0.1, 3: 0.1}, ST)["ranks"] == [2]
+
+
 def _steps(waits_by_rank, step_s=0.1):
     """States for one 4-rank group from per-rank per-step waits (steps 1..n)."""
     W = sorted(waits_by_rank)
