@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import sys
@@ -40,6 +41,7 @@ class Watcher:
         self.host = socket.gethostname()
         self.attempt = -1
         self.sigstops = list(sigstops or [])  # (run_dir or None, Injection): sent from here
+        self._rngs: dict = {}  # sigstop spec -> Random picking its at=random moments
         self._reset()
         self.pids: dict = {}  # pid -> (attempt, rank, run) of every rank seen
         self._lock = threading.Lock()
@@ -195,7 +197,9 @@ class Watcher:
                         pass
 
     def _sigstop(self, states: dict) -> None:
-        """Drill faults that need an outside hand: SIGSTOP a rank once it reaches a step."""
+        """Drill faults that need an outside hand: SIGSTOP a rank once it reports a step; with
+        at=random a random fraction U(0, 1) of its recent median step time later, from a timer
+        so polling goes on (the moment then falls anywhere inside a step)."""
         for item in list(self.sigstops):
             run, inj = item
             s = states.get(inj.rank)
@@ -203,13 +207,37 @@ class Watcher:
                 continue
             if s.step >= inj.step and s.host == self.host:
                 self.sigstops.remove(item)
-                os.kill(s.pid, signal.SIGSTOP)
-                self.log(f"fault injection: SIGSTOP sent to rank {inj.rank} (pid {s.pid}) at step {s.step}")
-                d = Path(s.run) / "c4"
-                d.mkdir(parents=True, exist_ok=True)
-                with open(d / "injections.jsonl", "a") as fh:
-                    fh.write(json.dumps({"time": time.time(), "rank": inj.rank, "step": s.step,
-                                         "spec": inj.text, "event": "fired"}) + "\n")
+                if inj.at != "random":
+                    self._send_sigstop(inj, s)
+                    continue
+                rng = self._rngs.setdefault(inj.text, random.Random(inj.seed * 100003 + inj.rank))
+                u = rng.random()
+                delay = u * s.step_s
+                note = {"after_s": round(delay, 4), "of_step_s": round(s.step_s, 4), "reported_step": s.step}
+                timer = threading.Timer(delay, self._send_sigstop, (inj, s, note))
+                timer.daemon = True
+                timer.start()
+
+    def _send_sigstop(self, inj, s: RankState, note: dict | None = None) -> None:
+        """Stop the rank's process, unless it is no longer the one scheduled (a restart, a
+        later run of a sweep); log the moment to the run's injections.jsonl."""
+        now = self.states.get(inj.rank)
+        if note is not None and (now is None or now.pid != s.pid or now.run != s.run):
+            self.log(f"fault injection: SIGSTOP of rank {inj.rank} dropped (its process or run changed)")
+            return
+        try:
+            os.kill(s.pid, signal.SIGSTOP)
+        except OSError as e:
+            self.log(f"fault injection: SIGSTOP of rank {inj.rank} (pid {s.pid}) failed: {e}")
+            return
+        step = (now or s).step
+        extra = f" ({note['after_s']:.3f} s after it reported step {note['reported_step']})" if note else ""
+        self.log(f"fault injection: SIGSTOP sent to rank {inj.rank} (pid {s.pid}) at step {step}{extra}")
+        d = Path(s.run) / "c4"
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / "injections.jsonl", "a") as fh:
+            fh.write(json.dumps({"time": time.time(), "rank": inj.rank, "step": step, "spec": inj.text,
+                                 "event": "fired", **(note or {})}) + "\n")
 
     def note_exit(self, pid: int, exitcode) -> None:
         """The launcher saw a worker process fail (not one this detector stopped)."""

@@ -30,6 +30,10 @@ from tests.conftest import run_cli
     ("slow_compute:rank=1,factor=0.5", ["factor must be > 1"]),
     ("hang:rank=1,step=3,where=disk", ["where must be"]),
     ("crash:rank=9,step=2", ["rank 9 does not exist", "0..3"]),
+    ("sigstop:rank=1,step=4,at=later", ["at must be 'step'", "or 'random'", "at=random"]),
+    ("sigstop:rank=1,step=4,seed=3", ["seed only picks the moment of at=random", "add at=random or drop seed"]),
+    ("sigstop:rank=1,step=4,at=random,seed=x", ["seed='x'", "integer"]),
+    ("sigstop:rank=1,at=random", ["needs step="]),
 ])
 def test_bad_specs_name_the_field_and_the_fix(spec, words):
     with pytest.raises(InjectError) as e:
@@ -42,6 +46,11 @@ def test_good_specs_and_config_errors():
     i = parse_spec("slow_link:ranks=2-1,ms=80")
     assert i.kind == "slow_link" and i.ranks == (1, 2) and i.targets == (1, 2) and i.step == 1
     assert parse_spec("hang:rank=2,step=5").where == "comm"
+    i = parse_spec("sigstop:rank=1,step=4")
+    assert (i.at, i.seed, i.targets) == ("step", 0, (1,))
+    i = parse_spec("sigstop:rank=1,step=4,at=random,seed=7")
+    assert (i.at, i.seed, i.step) == ("random", 7, 4)
+    assert parse_spec("sigstop:rank=1,step=4,at=random").seed == 0
     assert load_config("configs/tiny.toml", ['fault.inject=["delay:rank=1,ms=50"]']).fault.inject
     with pytest.raises(ConfigError, match="fault.inject: .*needs ms="):
         load_config("configs/tiny.toml", ['fault.inject=["delay:rank=1"]'])
@@ -62,6 +71,43 @@ def test_config_section_is_derived_from_the_detector_settings():
         load_config(None, ["c4.interval_s=9.0"])
     with pytest.raises(ConfigError, match="c4.detector = 'nowhere': must be one of"):
         load_config(None, ["c4.detector=nowhere"])
+
+
+def test_sigstop_at_random_fires_later_inside_the_step_without_blocking_the_poll(tmp_path):
+    """at=random: the watcher schedules the SIGSTOP a random fraction of the rank's median step
+    time after it reports the step, returns at once, and logs the moment when it fires."""
+    import os
+    import signal
+    import socket
+    import subprocess
+
+    from dist_train.fault.watcher import Watcher
+
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        s = _s(0, {}, step_s=0.4)
+        s.pid, s.host, s.run, s.step = proc.pid, socket.gethostname(), str(tmp_path), 6
+        logs = []
+        w = Watcher(None, 1, log=logs.append,
+                    sigstops=[(str(tmp_path), parse_spec("sigstop:rank=0,step=6,at=random,seed=3"))])
+        w.states = {0: s}
+        t0 = time.monotonic()
+        w._sigstop(w.states)
+        assert time.monotonic() - t0 < 0.05 and not w.sigstops  # scheduled, not waited for
+        entry = None
+        while time.monotonic() - t0 < 2.0 and entry is None:
+            path = tmp_path / "c4" / "injections.jsonl"
+            text = path.read_text() if path.exists() else ""
+            entry = json.loads(text) if text.endswith("\n") else None
+            time.sleep(0.01)
+        assert entry is not None, logs
+        assert entry["event"] == "fired" and entry["reported_step"] == 6 and 0 <= entry["after_s"] < 0.4
+        with open(f"/proc/{proc.pid}/stat") as fh:
+            assert fh.read().split(") ")[1][0] == "T"  # stopped
+        os.kill(proc.pid, signal.SIGCONT)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 # ----------------------------------------------------------------------------- injector
