@@ -48,7 +48,7 @@ class Watcher:
         self.findings: list[dict] = []
 
     def _reset(self) -> None:
-        self.hb: dict = {}  # rank -> (hb, first seen monotonic)
+        self.hb: dict = {}  # rank -> ((hb, pid), monotonic time it was first seen)
         self.reported: set = set()
         self.acted = False
         self.states: dict = {}
@@ -79,11 +79,11 @@ class Watcher:
             return []
         stale = {}
         for r, s in states.items():
-            hb = (s.hb, s.pid)
-            old = self.hb.get(r)
-            if old is None or old[0] != hb:
-                self.hb[r] = old = (hb, now)
-            stale[r] = now - old[1]
+            last_hb, moved_at = self.hb.get(r, (None, now))
+            if last_hb != (s.hb, s.pid):
+                self.hb[r] = ((s.hb, s.pid), now)
+                moved_at = now
+            stale[r] = now - moved_at
             self.pids[s.pid] = (self.attempt, r, s.run)
             _advance(s, stale[r])
         self.states = states
