@@ -19,7 +19,7 @@ STORE_ENV = "DIST_TRAIN_C4_STORE"  # host:port of the store C4 state goes to (se
 
 
 def settings_of(cfg: Config):
-    from dist_train.fault.detector import C4Settings
+    from dist_train.fault.settings import C4Settings
 
     return C4Settings.from_dict({k: v for k, v in dataclasses.asdict(cfg.c4).items() if k != "enabled"})
 

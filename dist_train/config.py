@@ -1,7 +1,8 @@
 """Run configuration: TOML sections, `--set section.key=value` overrides, validation.
 
 Every field is declared once below (type, default, allowed range or choices, help), so
-loading, overriding, validating and writing the resolved config share one table. Errors
+loading, overriding, validating and writing the resolved config share one table; the
+`[c4]` thresholds are declared in `fault/settings.py` and the section derived from them. Errors
 name the field and say how to fix it. Checks that need the world size (mesh product,
 batch divisibility) live in dist_train/layout.py.
 """
@@ -21,6 +22,7 @@ else:  # pragma: no cover
 import tomli_w
 
 from .errors import ConfigError
+from .fault.settings import C4Settings
 
 
 def _f(default, help: str, *, min=None, max=None, choices=None):
@@ -115,30 +117,19 @@ class CheckpointSection:
     resume: str = _f("latest", "'latest' (if any), 'none' (refuse an existing run), or a checkpoint path")
 
 
-@dataclass
-class C4Section:
-    enabled: bool = _f(False, "watch collectives and name hung or slow ranks and links")
-    detector: str = _f("auto", "where the detector runs: auto = in the launcher under `dist-train local`, else "
-                       "in every rank's side thread (lowest fresh rank writes)", choices=("auto", "launcher", "ranks"))
-    interval_s: float = _f(0.2, "seconds between a rank's state publications", min=0.02, max=5.0)
-    stale_s: float = _f(1.5, "a rank whose state has not changed for this long is not responding", min=0.1)
-    hang_min_s: float = _f(1.5, "a wait shorter than this is never a hang (floor of the relative threshold)",
-                           min=0.1)
-    hang_factor: float = _f(10.0, "a wait longer than this x the group's recent p90 op duration is a hang",
-                            min=1.0)
-    hang_steps: float = _f(3.0, "...and longer than this x the median step time", min=0.0)
-    startup_s: float = _f(30.0, "before every rank finished a run's first step, a wait is a hang only after this "
-                          "long (lazy initialisation)", min=0.0)
-    slow_window: int = _f(5, "steps compared for slow ranks and links", min=2)
-    slow_consistency: float = _f(0.8, "share of the window's steps a slow rank must arrive last in",
-                                 min=0.5, max=1.0)
-    slow_ratio: float = _f(0.3, "peers must wait for a slow rank (or a link be slower) by this share of the "
-                           "step time", min=0.01)
-    link_factor: float = _f(2.0, "a link is slow when its ops take this x longer than its sibling groups'",
-                            min=1.0)
-    link_ratio: float = _f(0.1, "...and that costs at least this share of the step time", min=0.0)
-    warmup_steps: int = _f(2, "steps after (re)start left out of slow-rank comparisons", min=0)
-    act: bool = _f(True, "on a hang stop the job (exit code 75) so the launcher restarts it from a checkpoint")
+def _c4_section() -> type:
+    """`[c4]`: `enabled`, then every C4Settings field with its default, help and range
+    (fault/ cannot import the config, so the thresholds are declared there, once)."""
+    types = {bool: "bool", int: "int", float: "float", str: "str"}
+    cls = dataclasses.make_dataclass("C4Section", [
+        ("enabled", "bool", _f(False, "watch collectives and name hung or slow ranks and links")),
+        *[(f.name, types.get(f.type, f.type), field(default=f.default, metadata=f.metadata))
+          for f in dataclasses.fields(C4Settings)]])
+    cls.__module__ = __name__
+    return cls
+
+
+C4Section = _c4_section()
 
 
 @dataclass

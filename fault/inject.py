@@ -14,8 +14,11 @@ Spec strings (`[fault] inject = [...]`, `dist-train drill --fault`):
                                         M ms longer after completing (on every member)
   slow_compute:rank=R,factor=F[,step=S] R's compute between collectives takes F times as long
   crash:rank=R,step=S[,op=N][,code=C]   R exits with code C at its N-th collective of step S
-  sigstop:rank=R,step=S                 the launcher stops R's process with SIGSTOP once R
-                                        reports step S (no help from R's own code)
+  sigstop:rank=R,step=S[,at=A][,seed=K] the launcher stops R's process with SIGSTOP once R
+                                        reports step S (no help from R's own code); at=random:
+                                        U(0, 1) of R's recent median step time later, so at any
+                                        moment inside a step, not only at its start (seed=K
+                                        picks the moments)
   jitter:pct=P[,seed=K][,step=S]        every rank enters its first collective of each step
                                         U(0, P%) of the recent step time late (noise, no fault)
 
@@ -48,7 +51,8 @@ _FIELDS: dict[str, dict[str, tuple]] = {
     "slow_compute": {"rank": (int, True, None), "factor": (float, True, None), "step": (int, False, 1)},
     "crash": {"rank": (int, True, None), "step": (int, True, None), "op": (int, False, 1),
               "code": (int, False, 13)},
-    "sigstop": {"rank": (int, True, None), "step": (int, True, None)},
+    "sigstop": {"rank": (int, True, None), "step": (int, True, None), "at": (str, False, "step"),
+                "seed": (int, False, 0)},
     "jitter": {"pct": (float, False, 20.0), "seed": (int, False, 0), "step": (int, False, 1)},
 }
 KINDS = tuple(_FIELDS)
@@ -115,6 +119,7 @@ def parse_spec(spec: str, world_size: int | None = None) -> Injection:
             raise InjectError(f"fault spec {spec!r}: {kind} has no field {key!r}; its fields are "
                               f"{', '.join(fields)} (e.g. {_EXAMPLE[kind]!r})")
         args[key] = _value(spec, key, fields[key][0], raw.strip())
+    given = set(args)
     for key, (_, required, default) in fields.items():
         if key not in args:
             if required:
@@ -127,6 +132,8 @@ def parse_spec(spec: str, world_size: int | None = None) -> Injection:
         raise InjectError(f"fault spec {spec!r}: factor must be > 1 (2 = twice as slow)")
     if kind == "jitter" and args["pct"] > 100:
         raise InjectError(f"fault spec {spec!r}: pct must be <= 100")
+    if kind == "sigstop":
+        _check_sigstop(spec, args, given)
     if kind == "hang" and args["where"] not in ("comm", "compute"):
         raise InjectError(f"fault spec {spec!r}: where must be 'comm' (stuck inside the collective) "
                           "or 'compute' (stuck before entering it)")
@@ -140,6 +147,15 @@ def parse_spec(spec: str, world_size: int | None = None) -> Injection:
                 raise InjectError(f"fault spec {spec!r}: rank {r} does not exist in a job of {world_size} "
                                   f"ranks; use 0..{world_size - 1}")
     return inj
+
+
+def _check_sigstop(spec: str, args: dict, given: set) -> None:
+    """`at` and `seed` of a sigstop (`given`: the fields the spec names)."""
+    if args["at"] not in ("step", "random"):
+        raise InjectError(f"fault spec {spec!r}: at must be 'step' (when the rank reports the step) or 'random' "
+                          "(a random moment inside that step), e.g. 'sigstop:rank=2,step=5,at=random'")
+    if "seed" in given and args["at"] != "random":
+        raise InjectError(f"fault spec {spec!r}: seed only picks the moment of at=random; add at=random or drop seed")
 
 
 def parse_specs(specs, world_size: int | None = None) -> list[Injection]:

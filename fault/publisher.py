@@ -27,9 +27,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .detector import C4_EXIT_CODE, C4Settings, Watcher, key
 from .inject import FaultInjector, parse_specs
 from .recorder import CollectiveRecorder, _now
+from .settings import C4Settings
+from .watcher import Watcher
+from .wire import C4_EXIT_CODE, GroupSnapshot, PeerLink, PeerStep, PendingOp, RankState, StepTime, StepWait, key
 
 
 def _pct(values: list, q: float) -> float:
@@ -59,10 +61,10 @@ class Monitor:
         self.phase, self.step, self.start = "train", 0, 0
         self.findings_count = 0
         W = settings.slow_window + settings.warmup_steps + 4
-        self._steps: collections.deque = collections.deque(maxlen=W)  # [step, step_s, wall_end, wait_s]
-        self._waits: dict = {}  # GroupState -> deque of [step, wait_s]
+        self._steps: collections.deque = collections.deque(maxlen=W)  # StepTime
+        self._waits: dict = {}  # GroupState -> deque of StepWait
         self._prev: dict = {}  # GroupState -> (wait_ns, seq) at the last step end
-        self._p2p: dict = {}  # GroupState -> {peer: deque of [step, shortest op s, wait s, ops]}
+        self._p2p: dict = {}  # GroupState -> {peer: deque of PeerStep}
         self._p2p_prev: dict = {}  # GroupState -> {peer: (p2p wait ns, ops) at the last step end}
         self._W = W
         self._hb = 0
@@ -113,8 +115,8 @@ class Monitor:
             q = self._waits.get(st)
             if q is None:
                 q = self._waits[st] = collections.deque(maxlen=self._W)
-            q.append([step, round(w, 6), n])  # step, seconds blocked, collectives issued
-        self._steps.append([step, round(step_time, 6), time.time(), round(total, 6)])
+            q.append(StepWait(step, round(w, 6), n))
+        self._steps.append(StepTime(step, round(step_time, 6), time.time(), round(total, 6)))
 
     def _p2p_step(self, st, step: int) -> float:
         """Per peer: this step's shortest p2p op and total p2p wait (slow-link evidence);
@@ -126,7 +128,7 @@ class Monitor:
             total, ops = st.p2p_wait_ns.get(peer, 0), st.p2p_seq.get(peer, 0)
             total0, ops0 = prev.get(peer, (0, 0))
             q = peers.setdefault(peer, collections.deque(maxlen=self._W))
-            q.append([step, round(d / 1e9, 6), round((total - total0) / 1e9, 6), ops - ops0])
+            q.append(PeerStep(step, round(d / 1e9, 6), round((total - total0) / 1e9, 6), ops - ops0))
             prev[peer] = (total, ops)
             waited += total - total0
         st.p2p_min_ns.clear()
@@ -171,8 +173,8 @@ class Monitor:
         if cur is None or int(cur) < self.attempt:
             self.store.set(k, str(self.attempt))
 
-    def state(self) -> dict:
-        """This rank's compact state (what the detector reads)."""
+    def state(self) -> RankState:
+        """This rank's compact state (what the watcher reads)."""
         now = _now()
         nows = time.monotonic()
         groups = {}
@@ -197,20 +199,19 @@ class Monitor:
                 elif rec.seq > done and (pend is None or rec.seq < pend.seq):
                     pend = rec
             durs = list(st.durations)
-            g = {"n": st.name, "ranks": list(st.ranks), "seq": st.seq, "done": done,
-                 "op": last.op if last is not None else None,
-                 "p": self._pend(pend, now, nows, held),
-                 "d50": round(statistics.median(durs) / 1e9, 6) if durs else 0.0,
-                 "d90": round(_pct(durs, 0.9) / 1e9, 6),
-                 "w": list(self._waits.get(st, ()))}
+            g = GroupSnapshot(
+                st.name, list(st.ranks), st.seq, done, op=last.op if last is not None else None,
+                pending=self._pend(pend, now, nows, held),
+                d50=round(statistics.median(durs) / 1e9, 6) if durs else 0.0, d90=round(_pct(durs, 0.9) / 1e9, 6),
+                waits=list(self._waits.get(st, ())))
             if st in self._p2p:
-                g["pw"] = {str(peer): list(q) for peer, q in list(self._p2p[st].items())}
+                g.peer_steps = {peer: list(q) for peer, q in list(self._p2p[st].items())}
             if st.p2p_last or p2p:
-                g["pp"] = {str(peer): [(st.p2p_last[peer].seq if peer in st.p2p_last else 0),
-                                       self._pend(p2p.get(peer), now, nows, held)]
+                g.peers = {peer: PeerLink(st.p2p_last[peer].seq if peer in st.p2p_last else 0,
+                                          self._pend(p2p.get(peer), now, nows, held))
                            for peer in set(st.p2p_last) | set(p2p)}
-            if g["p"]:
-                max_wait = max(max_wait, g["p"][4])
+            if g.pending:
+                max_wait = max(max_wait, g.pending.seconds)
             groups[st.gid] = g
             n_prev, w_prev = self._trace_prev.get(st, (0, 0))
             n = done - n_prev
@@ -223,25 +224,24 @@ class Monitor:
         steps = list(self._steps)
         self._hb += 1
         self._trace_line = {"t": round(time.time(), 3), "step": self.step, "g": trace, "wait": round(max_wait, 3)}
-        return {"r": self.rank, "host": self.host, "pid": self.pid, "a": self.attempt, "run": self.run_dir,
-                "hb": self._hb, "phase": self.phase, "step": self.step, "start": self.start,
-                "step_s": statistics.median(e[1] for e in steps[-8:]) if steps else 0.0,
-                "st": steps, "g": groups, "cfg": self.settings.as_dict(), "health": self._health_events,
-                "t": time.time()}
+        return RankState(self.rank, self.host, self.pid, self.run_dir, self._hb, self.phase, self.step, self.start,
+                         statistics.median(e.step_s for e in steps[-8:]) if steps else 0.0, steps, groups,
+                         cfg=self.settings.as_dict(), health=self._health_events, attempt=self.attempt,
+                         time=time.time())
 
-    def _pend(self, rec, now: int, nows: float, held: dict):
-        """[seq, op, entered, waiting, seconds]: seconds blocked in wait(), inside the call
-        (entered, not waiting), or held before entering (since first seen)."""
+    def _pend(self, rec, now: int, nows: float, held: dict) -> PendingOp | None:
+        """The op's seconds: blocked in wait(), inside the call (entered, not waiting), or
+        held before entering (since first seen)."""
         if rec is None:
             return None
         if rec.t_enter:
             since = rec.t_wait or rec.t_enter
-            return [rec.seq, rec.op, 1, 1 if rec.t_wait else 0, round((now - since) / 1e9, 4)]
+            return PendingOp(rec.seq, rec.op, True, bool(rec.t_wait), round((now - since) / 1e9, 4))
         held[rec] = first = self._held.get(rec, nows)
-        return [rec.seq, rec.op, 0, 0, round(nows - first, 4)]
+        return PendingOp(rec.seq, rec.op, False, False, round(nows - first, 4))
 
     def _publish(self) -> None:
-        s = self.state()
+        s = self.state().to_json()
         self.store.set(key(f"a{self.attempt}", f"r{self.rank}"), json.dumps(s, separators=(",", ":")))
         line = self._trace_line
         if line["g"] or line["wait"] > self.settings.interval_s:

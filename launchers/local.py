@@ -65,7 +65,7 @@ class LocalJob:
         self.worker_args = _worker_args(config_path, overrides, runs_file)
         self.watcher = None
         if plan is not None and (plan.c4 or plan.sigstops):
-            from dist_train.fault.detector import Watcher
+            from dist_train.fault.watcher import Watcher
 
             self.watcher = Watcher(None, nproc, sigstops=list(plan.sigstops))
 

@@ -3,16 +3,19 @@ drill launch (real gloo processes, 4 ranks) that runs every fault kind on rank 0
 rank 3, plus a 300-step run with 20% per-rank jitter that must produce no finding."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
 import pytest
 
 from dist_train.c4 import settings_of
-from dist_train.config import Config, ConfigError, load_config
-from dist_train.fault.detector import C4Settings, find_hangs, find_slow
+from dist_train.config import C4Section, Config, ConfigError, load_config
 from dist_train.fault.inject import FaultInjector, InjectError, parse_spec
 from dist_train.fault.recorder import CollectiveRecorder
+from dist_train.fault.rules import find_hangs, find_slow
+from dist_train.fault.settings import C4Settings
+from dist_train.fault.wire import GroupSnapshot, PeerLink, PeerStep, PendingOp, RankState, StepTime, StepWait
 from tests.conftest import run_cli
 
 # ----------------------------------------------------------------------------- specs
@@ -27,6 +30,10 @@ from tests.conftest import run_cli
     ("slow_compute:rank=1,factor=0.5", ["factor must be > 1"]),
     ("hang:rank=1,step=3,where=disk", ["where must be"]),
     ("crash:rank=9,step=2", ["rank 9 does not exist", "0..3"]),
+    ("sigstop:rank=1,step=4,at=later", ["at must be 'step'", "or 'random'", "at=random"]),
+    ("sigstop:rank=1,step=4,seed=3", ["seed only picks the moment of at=random", "add at=random or drop seed"]),
+    ("sigstop:rank=1,step=4,at=random,seed=x", ["seed='x'", "integer"]),
+    ("sigstop:rank=1,at=random", ["needs step="]),
 ])
 def test_bad_specs_name_the_field_and_the_fix(spec, words):
     with pytest.raises(InjectError) as e:
@@ -39,6 +46,11 @@ def test_good_specs_and_config_errors():
     i = parse_spec("slow_link:ranks=2-1,ms=80")
     assert i.kind == "slow_link" and i.ranks == (1, 2) and i.targets == (1, 2) and i.step == 1
     assert parse_spec("hang:rank=2,step=5").where == "comm"
+    i = parse_spec("sigstop:rank=1,step=4")
+    assert (i.at, i.seed, i.targets) == ("step", 0, (1,))
+    i = parse_spec("sigstop:rank=1,step=4,at=random,seed=7")
+    assert (i.at, i.seed, i.step) == ("random", 7, 4)
+    assert parse_spec("sigstop:rank=1,step=4,at=random").seed == 0
     assert load_config("configs/tiny.toml", ['fault.inject=["delay:rank=1,ms=50"]']).fault.inject
     with pytest.raises(ConfigError, match="fault.inject: .*needs ms="):
         load_config("configs/tiny.toml", ['fault.inject=["delay:rank=1"]'])
@@ -46,9 +58,56 @@ def test_good_specs_and_config_errors():
         load_config("configs/tiny.toml", ["c4.slow_ratio=0"])
 
 
-def test_detector_defaults_are_the_config_defaults():
-    # fault/ does not import the config; the two default sets must not drift apart
+def test_config_section_is_derived_from_the_detector_settings():
+    # fault/ does not import the config: [c4] is C4Settings' fields (defaults, help, ranges) plus `enabled`
+    section = {f.name: f for f in dataclasses.fields(C4Section)}
+    assert list(section) == ["enabled"] + [f.name for f in dataclasses.fields(C4Settings)]
+    for f in dataclasses.fields(C4Settings):
+        assert (section[f.name].default, section[f.name].metadata) == (f.default, f.metadata), f.name
     assert settings_of(Config()) == C4Settings()
+    cfg = load_config(None, ["c4.enabled=true", "c4.stale_s=2", "c4.detector=ranks"])
+    assert settings_of(cfg) == C4Settings(stale_s=2.0, detector="ranks") and "stale_s = 2.0" in cfg.to_toml()
+    with pytest.raises(ConfigError, match="c4.interval_s = 9.0: must be <= 5.0"):
+        load_config(None, ["c4.interval_s=9.0"])
+    with pytest.raises(ConfigError, match="c4.detector = 'nowhere': must be one of"):
+        load_config(None, ["c4.detector=nowhere"])
+
+
+def test_sigstop_at_random_fires_later_inside_the_step_without_blocking_the_poll(tmp_path):
+    """at=random: the watcher schedules the SIGSTOP a random fraction of the rank's median step
+    time after it reports the step, returns at once, and logs the moment when it fires."""
+    import os
+    import signal
+    import socket
+    import subprocess
+
+    from dist_train.fault.watcher import Watcher
+
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        s = _s(0, {}, step_s=0.4)
+        s.pid, s.host, s.run, s.step = proc.pid, socket.gethostname(), str(tmp_path), 6
+        logs = []
+        w = Watcher(None, 1, log=logs.append,
+                    sigstops=[(str(tmp_path), parse_spec("sigstop:rank=0,step=6,at=random,seed=3"))])
+        w.states = {0: s}
+        t0 = time.monotonic()
+        w._sigstop(w.states)
+        assert time.monotonic() - t0 < 0.05 and not w.sigstops  # scheduled, not waited for
+        entry = None
+        while time.monotonic() - t0 < 2.0 and entry is None:
+            path = tmp_path / "c4" / "injections.jsonl"
+            text = path.read_text() if path.exists() else ""
+            entry = json.loads(text) if text.endswith("\n") else None
+            time.sleep(0.01)
+        assert entry is not None, logs
+        assert entry["event"] == "fired" and entry["reported_step"] == 6 and 0 <= entry["after_s"] < 0.4
+        with open(f"/proc/{proc.pid}/stat") as fh:
+            assert fh.read().split(") ")[1][0] == "T"  # stopped
+        os.kill(proc.pid, signal.SIGCONT)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 # ----------------------------------------------------------------------------- injector
@@ -94,15 +153,15 @@ def test_background_work_is_not_stuck_until_waited(tmp_path):
     with rec.background():
         gather = rec.begin(st, "allgather", "all_gather", 8)
     assert not gather.counted and gather.background
-    assert mon.state()["g"]["0"]["p"] is None  # issued, not waited: blocks no one
+    assert mon.state().groups["0"].pending is None  # issued, not waited: blocks no one
     later = rec.begin(st, "allgather", "all_gather", 8)
-    assert mon.state()["g"]["0"]["p"][0] == later.seq  # an ordinary op in the call is shown
+    assert mon.state().groups["0"].pending.seq == later.seq  # an ordinary op in the call is shown
     gather.t_wait = gather.t_enter + 1
-    assert mon.state()["g"]["0"]["p"][0] == gather.seq  # waited for now: the oldest pending op
+    assert mon.state().groups["0"].pending.seq == gather.seq  # waited for now: the oldest pending op
     later.t_wait = later.t_enter
     st.end(later)
     st.end(gather)
-    assert st.last_completed is later and mon.state()["g"]["0"]["done"] == later.seq
+    assert st.last_completed is later and mon.state().groups["0"].done == later.seq
 
 
 
@@ -123,26 +182,44 @@ def test_p2p_waits_count_in_the_step_wait_and_per_peer(tmp_path):
             st.end(rec.begin(st, "recv", "send_recv", 8, peers=(2, 0), p2p_peer=2))
         st.p2p_wait_ns[2], st.p2p_min_ns[2] = 32_000_000, 2_000_000  # ... as if they took 30 ms and 2 ms
         mon.step_end(1, 0.1)
-        assert mon._steps[-1][3] == 0.032  # the step's wait: all of it in p2p
-        assert mon.state()["g"]["0"]["pw"] == {"2": [[1, 0.002, 0.032, 2]]}
+        assert mon._steps[-1].wait_s == 0.032  # the step's wait: all of it in p2p
+        assert mon.state().groups["0"].peer_steps == {2: [PeerStep(1, 0.002, 0.032, 2)]}
         assert st.p2p_min_ns == {}  # reset for the next step
     finally:
         mon.close()
 
+
+def test_wire_records_round_trip_through_json():
+    """What the publisher writes is what the watcher reads back, field by field."""
+    s = RankState(1, "h", 7, "/x", 3, "train", 5, 2, 0.1, steps=[StepTime(5, 0.1, 1000.0, 0.02)],
+                  groups={"g": GroupSnapshot("pp", [1, 3], 9, 8, "send", _inside(9, 0.5), 0.001, 0.002,
+                                             [StepWait(5, 0.02, 4)], {3: PeerLink(4, _waiting(5, 1.0, "recv"))},
+                                             {3: [PeerStep(5, 0.001, 0.03, 8)]})},
+                  cfg={"stale_s": 1.5}, health=[{"kind": "gpu_xid", "id": 1}], attempt=2, time=1234.5)
+    assert RankState.from_json(json.loads(json.dumps(s.to_json()))) == s
+
+
 # ----------------------------------------------------------------------------- rules
 
 
+def _waiting(seq, seconds, op="allreduce"):
+    """A pending op the rank sits in wait() for."""
+    return PendingOp(seq, op, entered=True, waiting=True, seconds=seconds)
+
+
+def _inside(seq, seconds, op="allreduce"):
+    """A pending op the rank entered but never reached wait() in."""
+    return PendingOp(seq, op, entered=True, waiting=False, seconds=seconds)
+
+
 def _g(name, ranks, done, p=None, w=(), d90=0.002, pp=None):
-    g = {"n": name, "ranks": list(ranks), "seq": done + (1 if p else 0), "done": done, "op": "allreduce",
-         "p": p, "d50": 0.001, "d90": d90, "w": [list(x) for x in w]}
-    if pp:
-        g["pp"] = pp
-    return g
+    return GroupSnapshot(name, list(ranks), done + (1 if p else 0), done, op="allreduce", pending=p, d50=0.001,
+                         d90=d90, waits=[StepWait(*x) for x in w], peers=dict(pp or {}))
 
 
 def _s(r, groups, steps=(), step_s=0.1, phase="train"):
-    return {"r": r, "host": "h", "pid": 100 + r, "run": "/x", "hb": 1, "phase": phase, "step": 10, "start": 0,
-            "step_s": step_s, "st": [list(x) for x in (steps or [(1, step_s, 1000.0, 0.0)])], "g": groups}
+    return RankState(r, "h", 100 + r, "/x", 1, phase, 10, 0, step_s,
+                     steps=[StepTime(*x) for x in (steps or [(1, step_s, 1000.0, 0.0)])], groups=groups)
 
 
 ST = C4Settings()
@@ -150,8 +227,8 @@ ST = C4Settings()
 
 def test_hang_inside_a_collective_names_the_rank_stuck_in_the_call():
     W = [0, 1, 2, 3]
-    states = {r: _s(r, {"g0": _g("dp", W, 41, [42, "allreduce", 1, 1, 3.0])}) for r in W}
-    states[2]["g"]["g0"]["p"] = [42, "allreduce", 1, 0, 3.0]  # entered, never reached wait()
+    states = {r: _s(r, {"g0": _g("dp", W, 41, _waiting(42, 3.0))}) for r in W}
+    states[2].groups["g0"].pending = _inside(42, 3.0)  # entered, never reached wait()
     f = find_hangs(states, {r: 0.1 for r in W}, ST)
     assert f["kind"] == "hang" and f["ranks"] == [2]
     assert f["evidence"]["entered"] == W and f["since_onset_s"] == 3.0
@@ -159,20 +236,20 @@ def test_hang_inside_a_collective_names_the_rank_stuck_in_the_call():
 
 def test_wait_below_the_relative_threshold_is_not_a_hang():
     W = [0, 1]
-    states = {r: _s(r, {"g0": _g("dp", W, 41, [42, "allreduce", 1, 1, 1.2])}) for r in W}
+    states = {r: _s(r, {"g0": _g("dp", W, 41, _waiting(42, 1.2))}) for r in W}
     assert find_hangs(states, {0: 0, 1: 0}, ST) is None  # below hang_min_s
-    states = {r: _s(r, {"g0": _g("dp", W, 41, [42, "allreduce", 1, 1, 2.5], d90=0.5)}) for r in W}
+    states = {r: _s(r, {"g0": _g("dp", W, 41, _waiting(42, 2.5), d90=0.5)}) for r in W}
     assert find_hangs(states, {0: 0, 1: 0}, ST) is None  # 10 x the group's p90 = 5 s
-    states = {r: _s(r, {"g0": _g("dp", W, 41, [42, "allreduce", 1, 1, 2.5])}, step_s=1.0) for r in W}
+    states = {r: _s(r, {"g0": _g("dp", W, 41, _waiting(42, 2.5))}, step_s=1.0) for r in W}
     assert find_hangs(states, {0: 0, 1: 0}, ST) is None  # 3 x the step time
 
 
 def test_first_step_of_a_run_gets_the_startup_grace():
     W = [0, 1]
-    states = {r: _s(r, {"g0": _g("dp", W, 41, [42, "allreduce", 1, 1, 5.0])}) for r in W}
-    states[1]["g"]["g0"]["p"] = None  # rank 1 still initialising
+    states = {r: _s(r, {"g0": _g("dp", W, 41, _waiting(42, 5.0))}) for r in W}
+    states[1].groups["g0"].pending = None  # rank 1 still initialising
     assert find_hangs(states, {0: 0, 1: 0}, ST)["ranks"] == [1]
-    states[1]["st"] = []  # ...before finishing any step of this run: lazy init, not a hang yet
+    states[1].steps = []  # ...before finishing any step of this run: lazy init, not a hang yet
     assert find_hangs(states, {0: 0, 1: 0}, ST) is None
 
 
@@ -181,10 +258,10 @@ def test_non_comm_hang_follows_the_chain_to_the_rank_that_waits_for_nobody():
     # dp for 1; 2 waits in tp for 3. The culprit is 1, not 3.
     tp01, tp23, dp13, dp02 = [0, 1], [2, 3], [1, 3], [0, 2]
     states = {
-        0: _s(0, {"a": _g("tp", tp01, 6, [7, "allreduce", 1, 1, 2.0]), "c": _g("dp", dp02, 3)}),
+        0: _s(0, {"a": _g("tp", tp01, 6, _waiting(7, 2.0)), "c": _g("dp", dp02, 3)}),
         1: _s(1, {"a": _g("tp", tp01, 6), "d": _g("dp", dp13, 3)}),
-        2: _s(2, {"b": _g("tp", tp23, 6, [7, "allreduce", 1, 1, 1.9]), "c": _g("dp", dp02, 3)}),
-        3: _s(3, {"b": _g("tp", tp23, 6), "d": _g("dp", dp13, 3, [4, "allreduce", 1, 1, 1.8])}),
+        2: _s(2, {"b": _g("tp", tp23, 6, _waiting(7, 1.9)), "c": _g("dp", dp02, 3)}),
+        3: _s(3, {"b": _g("tp", tp23, 6), "d": _g("dp", dp13, 3, _waiting(4, 1.8))}),
     }
     f = find_hangs(states, {r: 0.1 for r in states}, ST)
     assert f["kind"] == "non_comm_hang" and f["ranks"] == [1]
@@ -193,14 +270,14 @@ def test_non_comm_hang_follows_the_chain_to_the_rank_that_waits_for_nobody():
 
 def test_stopped_rank_is_named_by_its_stale_heartbeat():
     W = [0, 1, 2, 3]
-    states = {r: _s(r, {"g0": _g("dp", W, 41, [42, "allreduce", 1, 1, 2.0])}) for r in W}
+    states = {r: _s(r, {"g0": _g("dp", W, 41, _waiting(42, 2.0))}) for r in W}
     f = find_hangs(states, {0: 0.1, 1: 0.1, 2: 2.5, 3: 0.1}, ST)  # all entered; 2 stopped inside
     assert f["kind"] == "non_comm_hang" and f["ranks"] == [2] and "2" in f["evidence"]["heartbeat_stale_s"]
 
 
 def test_p2p_wait_names_the_sender_that_never_sent():
-    states = {0: _s(0, {"p": _g("pp", [0, 1], 0, pp={"1": [4, None]})}),
-              1: _s(1, {"p": _g("pp", [0, 1], 0, pp={"0": [4, [5, "recv", 1, 1, 2.2]]})})}
+    states = {0: _s(0, {"p": _g("pp", [0, 1], 0, pp={1: PeerLink(4)})}),
+              1: _s(1, {"p": _g("pp", [0, 1], 0, pp={0: PeerLink(4, _waiting(5, 2.2, "recv"))})})}
     f = find_hangs(states, {0: 0.1, 1: 0.1}, ST)
     assert f["kind"] == "non_comm_hang" and f["ranks"] == [0]
 
@@ -211,13 +288,13 @@ def test_p2p_hang_inside_a_recv_is_a_communication_hang():
     # rank 0's send completed, so 0 waits for a backward recv that 1 never posts. 1 is
     # not outside communication: it is a hang, named by the rank stuck in the call.
     # (p2p ops are numbered per peer: 0's send #4 matched 1's recv #4)
-    states = {0: _s(0, {"p": _g("pp", [0, 1], 0, pp={"1": [4, [5, "recv", 1, 1, 2.2]]})}),
-              1: _s(1, {"p": _g("pp", [0, 1], 0, pp={"0": [3, [4, "recv", 1, 0, 2.4]]})})}
+    states = {0: _s(0, {"p": _g("pp", [0, 1], 0, pp={1: PeerLink(4, _waiting(5, 2.2, "recv"))})}),
+              1: _s(1, {"p": _g("pp", [0, 1], 0, pp={0: PeerLink(3, _inside(4, 2.4, "recv"))})})}
     f = find_hangs(states, {0: 0.1, 1: 0.1}, ST)
     assert f["kind"] == "hang" and f["ranks"] == [1]
     assert f["evidence"]["stuck_inside_call"] == [1]
     assert "pp#4 recv" in f["evidence"]["culprit_state"]["1"]["inside"]
-    states[1]["g"]["p"]["pp"]["0"][1][4] = 0.01  # only just entered: passing through, 1 is late
+    states[1].groups["p"].peers[0].pending.seconds = 0.01  # only just entered: passing through, 1 is late
     assert find_hangs(states, {0: 0.1, 1: 0.1}, ST)["kind"] == "non_comm_hang"
 
 def test_chain_is_followed_through_ranks_waiting_below_the_threshold():
@@ -225,16 +302,88 @@ def test_chain_is_followed_through_ranks_waiting_below_the_threshold():
     # recv #47 from 0; 1 waits (past the threshold) on 3, which has waited a little less
     # long, in the dp all-gather that 2 never entered. The culprit is 2, not 3.
     states = {
-        0: _s(0, {"p0": _g("pp", [0, 2], 0, pp={"2": [46, [47, "send", 1, 1, 1.51]]}), "d0": _g("dp", [0, 1], 30)}),
-        1: _s(1, {"p1": _g("pp", [1, 3], 0, pp={"3": [47, [48, "send", 1, 1, 1.54]]}), "d0": _g("dp", [0, 1], 30)}),
-        2: _s(2, {"p0": _g("pp", [0, 2], 0, pp={"0": [46, [47, "recv", 1, 0, 1.56]]}), "d1": _g("dp", [2, 3], 30)}),
-        3: _s(3, {"p1": _g("pp", [1, 3], 0, pp={"1": [47, None]}),
-                  "d1": _g("dp", [2, 3], 30, [31, "allgather", 1, 1, 1.44])}),
+        0: _s(0, {"p0": _g("pp", [0, 2], 0, pp={2: PeerLink(46, _waiting(47, 1.51, "send"))}),
+                  "d0": _g("dp", [0, 1], 30)}),
+        1: _s(1, {"p1": _g("pp", [1, 3], 0, pp={3: PeerLink(47, _waiting(48, 1.54, "send"))}),
+                  "d0": _g("dp", [0, 1], 30)}),
+        2: _s(2, {"p0": _g("pp", [0, 2], 0, pp={0: PeerLink(46, _inside(47, 1.56, "recv"))}),
+                  "d1": _g("dp", [2, 3], 30)}),
+        3: _s(3, {"p1": _g("pp", [1, 3], 0, pp={1: PeerLink(47)}),
+                  "d1": _g("dp", [2, 3], 30, _waiting(31, 1.44, "allgather"))}),
     }
     f = find_hangs(states, {r: 0.1 for r in states}, ST)
     assert f["kind"] == "hang" and f["ranks"] == [2], f
     assert f["evidence"]["waiting"]["3"] == {"group": "dp", "op": "allgather", "seq": 31, "waited_s": 1.44,
                                              "not_entered": [2]}
+
+
+def _stopped_in_allgather(since_stop):
+    """Reported: rank 0 of 4 (dp_shard=4) is SIGSTOPped just after publishing that it waits in
+    all-gather #41, which then completes on its peers; rank 1 waits in #42 for rank 0 (2 and
+    3 began waiting a little later). The watcher ages rank 0's pending op by the time since
+    its heartbeat moved (`since_stop`), as it does for every state."""
+    W = [0, 1, 2, 3]
+    states = {r: _s(r, {"d": _g("dp", W, 41, _waiting(42, since_stop + 0.33 - 0.08 * (r > 1), "allgather"))})
+              for r in W}
+    states[0].groups["d"] = _g("dp", W, 40, _waiting(41, 0.05 + since_stop, "allgather"))
+    return states, {0: since_stop, 1: 0.1, 2: 0.1, 3: 0.1}
+
+
+def test_a_rank_going_stale_is_not_read_as_waiting_in_a_cycle():
+    # 1.53 s after rank 1 began waiting, rank 0's heartbeat is 1.2 s old: lagging, not yet
+    # stale. Its own state is no evidence (it made a "cycle" with rank 1): wait, then name it.
+    states, stale = _stopped_in_allgather(1.2)
+    assert find_hangs(states, stale, ST) is None
+    states, stale = _stopped_in_allgather(1.6)
+    f = find_hangs(states, stale, ST)
+    assert f["kind"] == "non_comm_hang" and f["ranks"] == [0] and "0" in f["evidence"]["heartbeat_stale_s"]
+    assert "0" not in f["evidence"]["waiting"]  # its stale pending op is not shown as a wait
+
+
+def test_a_rank_going_stale_in_a_pipeline_is_not_read_as_waiting():
+    # pp=2 x dp_shard=2 (pp pairs {0,2}, {1,3}; dp pairs {0,1}, {2,3}): rank 0 stopped; its last
+    # state waits in the dp all-gather #31 that rank 1 completed; 1 waits in #32 for 0, 2 in
+    # its recv #47 for 0's send, 3 in dp #32 for 2.
+    def frozen(since_stop):
+        states = {
+            0: _s(0, {"p0": _g("pp", [0, 2], 0, pp={2: PeerLink(46)}),
+                      "d0": _g("dp", [0, 1], 30, _waiting(31, 0.05 + since_stop, "allgather"))}),
+            1: _s(1, {"p1": _g("pp", [1, 3], 0, pp={3: PeerLink(47)}),
+                      "d0": _g("dp", [0, 1], 31, _waiting(32, since_stop + 0.35, "allgather"))}),
+            2: _s(2, {"p0": _g("pp", [0, 2], 0, pp={0: PeerLink(46, _waiting(47, since_stop + 0.2, "recv"))}),
+                      "d1": _g("dp", [2, 3], 31)}),
+            3: _s(3, {"p1": _g("pp", [1, 3], 0, pp={1: PeerLink(47)}),
+                      "d1": _g("dp", [2, 3], 31, _waiting(32, since_stop + 0.1, "allgather"))}),
+        }
+        return states, {0: since_stop, 1: 0.1, 2: 0.1, 3: 0.1}
+
+    assert find_hangs(*frozen(1.2), ST) is None
+    f = find_hangs(*frozen(1.6), ST)
+    assert f["kind"] == "non_comm_hang" and f["ranks"] == [0] and "0" in f["evidence"]["heartbeat_stale_s"]
+
+
+def test_a_stale_rank_s_own_pending_op_blocks_no_one():
+    # rank 2 stopped (heartbeat stale) while its last state waited in an all-reduce its peers
+    # have not reached yet: its aged op is not a wait, so there is no hang until a peer waits
+    W = [0, 1, 2, 3]
+    states = {r: _s(r, {"g0": _g("dp", W, 41)}) for r in W}
+    states[2].groups["g0"] = _g("dp", W, 41, _waiting(42, 2.6))
+    stale = {0: 0.1, 1: 0.1, 2: 2.5, 3: 0.1}
+    assert find_hangs(states, stale, ST) is None
+    for r in (0, 1, 3):
+        states[r].groups["g0"] = _g("dp", W, 41, _waiting(42, 1.6))
+    f = find_hangs(states, stale, ST)
+    assert f["kind"] == "non_comm_hang" and f["ranks"] == [2] and "2" in f["evidence"]["heartbeat_stale_s"]
+
+
+def test_a_lagging_rank_defers_the_hang_rules_only_while_someone_is_blocked():
+    # a hang among fresh ranks (2 stuck inside the call) waits while rank 0's heartbeat lags ...
+    W = [0, 1, 2, 3]
+    states = {r: _s(r, {"g0": _g("dp", W, 41, _waiting(42, 3.0))}) for r in W}
+    states[2].groups["g0"].pending = _inside(42, 3.0)
+    assert find_hangs(states, {0: 0.8, 1: 0.1, 2: 0.1, 3: 0.1}, ST) is None
+    # ... and is found once it is heard from again (a heartbeat within the lag is fresh)
+    assert find_hangs(states, {0: 0.4, 1: 0.1, 2: 0.1, 3: 0.1}, ST)["ranks"] == [2]
 
 
 def _steps(waits_by_rank, step_s=0.1):
@@ -273,7 +422,7 @@ def test_slow_rank_not_confused_with_ranks_it_made_late():
               1: {"a": _g("tp", [0, 1], 9, w=w(0.002)), "d": _g("dp", [1, 3], 9, w=w(0.002))},
               2: {"b": _g("tp", [2, 3], 9, w=w(0.1)), "c": _g("dp", [0, 2], 9, w=w(0.002))},
               3: {"b": _g("tp", [2, 3], 9, w=w(0.002)), "d": _g("dp", [1, 3], 9, w=w(0.1))}}
-    states = {r: _s(r, g, steps=[(i + 1, 0.2, 1000.0 + i * 0.2, sum(x["w"][0][1] for x in g.values()))
+    states = {r: _s(r, g, steps=[(i + 1, 0.2, 1000.0 + i * 0.2, sum(x.waits[0].wait_s for x in g.values()))
                                  for i in range(n)], step_s=0.2) for r, g in groups.items()}
     f = find_slow(states, ST)
     assert [(x["kind"], x["ranks"]) for x in f] == [("slow_rank", [1])]
@@ -288,7 +437,7 @@ def test_slow_link_against_sibling_groups():
               1: {"a": _g("tp", [0, 1], 9, w=w(0.001)), "d": _g("dp", [1, 3], 9, w=w(0.082))},
               2: {"b": _g("tp", [2, 3], 9, w=w(0.06)), "c": _g("dp", [0, 2], 9, w=w(0.003))},
               3: {"b": _g("tp", [2, 3], 9, w=w(0.001)), "d": _g("dp", [1, 3], 9, w=w(0.08))}}
-    states = {r: _s(r, g, steps=[(a, b, c, sum(x["w"][0][1] for x in g.values())) for a, b, c, _ in st],
+    states = {r: _s(r, g, steps=[(a, b, c, sum(x.waits[0].wait_s for x in g.values())) for a, b, c, _ in st],
                     step_s=0.2) for r, g in groups.items()}
     f = find_slow(states, ST)
     assert [(x["kind"], x["ranks"]) for x in f] == [("slow_link", [1, 3])]
@@ -297,14 +446,14 @@ def test_slow_link_against_sibling_groups():
 
 def _pipeline(shortest_ms, wait_ms, n=10, ops=8):
     """pp=2 x dp=2 states: pp pairs {0,2} and {1,3}; per rank its per-step shortest p2p op
-    and p2p wait (ms) with its stage peer, as the publisher's "pw" entries."""
+    and p2p wait (ms) with its stage peer, as the publisher's peer_steps."""
     peer = {0: 2, 2: 0, 1: 3, 3: 1}
     out = {}
     for r in range(4):
         pw = [(i + 1, shortest_ms[r] / 1e3, wait_ms[r] / 1e3, ops) for i in range(n)]
         st = [(i + 1, 0.2, 1000.0 + i * 0.2, 0.0) for i in range(n)]
         g = _g("pp", sorted((r, peer[r])), 0)
-        g["pw"] = {str(peer[r]): [list(e) for e in pw]}
+        g.peer_steps = {peer[r]: [PeerStep(*e) for e in pw]}
         out[r] = _s(r, {f"pp{min(r, peer[r])}": g}, steps=st, step_s=0.2)
     return out
 

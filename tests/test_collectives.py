@@ -229,8 +229,9 @@ def _c4_fields(rank, rec, C, out, outdir):
     import threading
 
     import torch.distributed as dist
-    from dist_train.fault.detector import C4Settings, key
+    from dist_train.fault.settings import C4Settings
     from dist_train.fault.publisher import Monitor
+    from dist_train.fault.wire import RankState, key
 
     dist.barrier()
     done = [r for r in rec.records() if r.t_exit and r.t_enter]
@@ -259,9 +260,9 @@ def _c4_fields(rank, rec, C, out, outdir):
         k = key("a0", f"r{rank}")
         while not stop.wait(0.02):
             if store.check([k]):
-                s = json.loads(store.get(k))
-                world = next(g for g in s["g"].values() if len(g["ranks"]) == WORLD)
-                seen.append((s["hb"], world["p"]))
+                s = RankState.from_json(json.loads(store.get(k)))
+                world = next(g for g in s.groups.values() if len(g.ranks) == WORLD)
+                seen.append((s.hb, world.pending))
 
     t = threading.Thread(target=reader)
     t.start()
@@ -275,9 +276,9 @@ def _c4_fields(rank, rec, C, out, outdir):
     stop.set()
     t.join()
     mon.close()
-    waiting = [p for _, p in seen if p and p[2] and p[3]]
+    waiting = [p for _, p in seen if p and p.entered and p.waiting]
     out["published_hbs"] = len({hb for hb, _ in seen})
-    out["max_published_wait_s"] = max((p[4] for p in waiting), default=0.0)
+    out["max_published_wait_s"] = max((p.seconds for p in waiting), default=0.0)
 
 
 def _worker(rank, port, outdir):
