@@ -11,11 +11,9 @@ import dataclasses
 import os
 from datetime import timedelta
 
-from .config import Config
+from dist_train.fault.wire import DETECTOR_ENV, STORE_ENV  # set by a launcher that hosts the watcher
 
-# Set by `dist-train local` / `drill` for their workers: the launcher runs the detector.
-DETECTOR_ENV = "DIST_TRAIN_C4_DETECTOR"
-STORE_ENV = "DIST_TRAIN_C4_STORE"  # host:port of the store C4 state goes to (set by the launcher)
+from .config import Config
 
 
 def settings_of(cfg: Config):

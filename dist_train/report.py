@@ -73,7 +73,7 @@ def c4_timeline(run_dir: Path, out: Path, plt) -> Path | None:
     for i, r in enumerate(ranks):
         xs = [e["t"] - t0 for e in traces[r]]
         # the slowest op this rank saw in each publication interval, or how long it has been waiting
-        ys = [max([g[2] for g in e["g"].values()] + [e["wait"] * 1e3, 0.01]) for e in traces[r]]
+        ys = [max([g["max_ms"] for g in e["g"].values()] + [e["wait"] * 1e3, 0.01]) for e in traces[r]]
         ax.plot(xs, ys, lw=0.8, label=f"rank {r}")
     ax.set_yscale("log")
     ax.set_xlabel("seconds")

@@ -3,7 +3,7 @@
 Why a side thread and the launcher's store: a hung rank cannot report its own hang
 from the training thread, and a store hosted by a rank dies with it. Gloo waits
 (and DTensor's wait_tensor) release the GIL, so the thread keeps publishing while
-the training thread is blocked in a collective (PLATFORM.md); the store is the
+the training thread is blocked in a collective (tested); the store is the
 elastic agent's (launcher-hosted) one, which outlives every rank. The thread
 never issues collectives itself (a side thread waiting on gloo hung pipelining).
 
@@ -217,8 +217,8 @@ class Monitor:
             n = done - n_prev
             if n > 0:
                 k = min(n, len(durs))
-                trace[st.name] = [n, round((st.wait_ns - w_prev) / n / 1e6, 3),
-                                  round(max(durs[-k:]) / 1e6, 3) if k else 0.0]
+                trace[st.name] = {"ops": n, "wait_ms": round((st.wait_ns - w_prev) / n / 1e6, 3),
+                                  "max_ms": round(max(durs[-k:]) / 1e6, 3) if k else 0.0}
             self._trace_prev[st] = (done, st.wait_ns)
         self._held = held
         steps = list(self._steps)

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 
 C4_EXIT_CODE = 75  # ranks told to stop by the watcher exit with this code
 PREFIX = "c4"
+# Set by a launcher that hosts the watcher, for its workers (read by dist_train/c4.py):
+DETECTOR_ENV = "DIST_TRAIN_C4_DETECTOR"  # "launcher": the ranks run no detector themselves
+STORE_ENV = "DIST_TRAIN_C4_STORE"  # host:port of the store the ranks publish to
 
 
 def key(*parts) -> str:

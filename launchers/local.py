@@ -36,11 +36,8 @@ from torch.distributed.elastic.rendezvous import RendezvousParameters
 from torch.distributed.elastic.rendezvous import registry as rdzv_registry
 
 from dist_train.errors import UserError
+from dist_train.fault.wire import DETECTOR_ENV, STORE_ENV
 from dist_train.layout import LaunchPlan
-
-# Set for the workers of a launch whose detector runs here (read by dist_train/c4.py).
-DETECTOR_ENV = "DIST_TRAIN_C4_DETECTOR"
-STORE_ENV = "DIST_TRAIN_C4_STORE"  # host:port of the store C4 state goes to
 
 
 def free_port() -> int:
