@@ -6,6 +6,7 @@ and the fix, exit code 2 — never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import UserError
@@ -99,11 +100,29 @@ def run(argv: list[str] | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .failures import PeerLost
+
     try:
         run(argv)
     except _user_errors() as e:
-        print(f"dist-train: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return _exit(f"dist-train: error: {e}", 2)
+    except PeerLost as e:
+        return _exit(f"dist-train: {e}", 1)
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _exit(line: str, code: int) -> int:
+    """Print the one line; a rank whose process group is still up leaves at once, without
+    the interpreter's teardown (destroying a gloo group whose peers are gone can hang, and
+    exiting with its threads alive can abort with 'terminate called without an active
+    exception')."""
+    print(line, file=sys.stderr, flush=True)
+    if "torch.distributed" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            sys.stdout.flush()
+            os._exit(code)
+    return code

@@ -30,6 +30,7 @@ from .c4 import start_monitor
 from .checkpoint import Checkpointer
 from .config import Config
 from .distributed import RankEnv, init_distributed, pick_device
+from .failures import peer_lost
 from .layout import preflight
 from .metrics import GatheredStats, MetricsLog, MetricsWriter, StepStats, peak_memory_bytes
 from .model import ModelArgs, count_params
@@ -300,14 +301,22 @@ def _progress(cfg: Config, start: int):
 
 def train(cfgs: list[Config]) -> list[Path]:
     """Run each config in turn in this job (one launch, one process group); the first
-    run sets up the process group and the last tears it down."""
+    run sets up the process group and the last tears it down. A collective failing
+    because a peer is gone raises `PeerLost` (one line; the traceback is logged)."""
     trainers: list[Trainer] = []
     run_dirs = []
     try:
         for cfg in cfgs:
-            trainer = Trainer(cfg)
-            trainers.append(trainer)
-            run_dir = trainer.fit()
+            try:
+                trainer = Trainer(cfg)
+                trainers.append(trainer)
+                run_dir = trainer.fit()
+            except Exception as e:
+                rank = dist.get_rank() if dist.is_initialized() else 0
+                lost = peer_lost(e, get_recorder(), cfg.run_dir, rank)
+                if lost is None:
+                    raise
+                raise lost from None
             run_dirs.append(run_dir)
             if trainer.rank == 0:
                 print(f"run directory: {run_dir}", flush=True)

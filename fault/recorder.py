@@ -109,7 +109,7 @@ class GroupState:
     """What the C4 detector needs per group, updated in place on the hot path."""
 
     __slots__ = ("name", "gid", "ranks", "seq", "pending", "last_completed",
-                 "p2p_seq", "p2p_last", "wait_ns", "p2p_wait_ns", "p2p_min_ns", "durations")
+                 "p2p_seq", "p2p_last", "wait_ns", "p2p_wait_ns", "p2p_min_ns", "durations", "last_failed")
 
     def __init__(self, name, ranks):
         self.name = name  # None until resolved (mesh dim name or ranks)
@@ -130,6 +130,7 @@ class GroupState:
         # healthy link has some op that finds its data there; a slow link has none
         self.p2p_min_ns: dict = {}
         self.durations: collections.deque = collections.deque(maxlen=64)  # ns
+        self.last_failed: CollectiveRecord | None = None  # the last op that raised (a peer lost, say)
 
     def end(self, rec: CollectiveRecord) -> None:
         """Stamp exit once; move the record from pending to last completed."""
@@ -157,6 +158,7 @@ class GroupState:
         """An op raised (timeout, peer gone, injected fault): close it with the error."""
         rec.error = f"{type(exc).__name__}: {exc}"
         self.end(rec)
+        self.last_failed = rec
 
 
 class CollectiveRecorder:
@@ -254,6 +256,11 @@ class CollectiveRecorder:
         if reset:
             self._by_group = {}
         return out
+
+    def last_failure(self) -> tuple[GroupState, CollectiveRecord] | None:
+        """The group and record of the op that raised last (in any group), if any."""
+        failed = [(st, st.last_failed) for st in list(self._groups) if st.last_failed is not None]
+        return max(failed, key=lambda f: f[1].t_exit) if failed else None
 
     def records(self) -> list[CollectiveRecord]:
         """Recent records, oldest first (pending ones included, t_exit == 0)."""

@@ -103,12 +103,13 @@ def make_drill(spec: str, nproc: int, tag: str = "", jitter_steps: int = 40, pp:
 
 
 def all_drills(nproc: int, jitter_steps: int = 40, pp: int = 1) -> list[Drill]:
-    """Every kind on rank 0 and on the last rank; slow faults start at step 4 (after warm-up)."""
+    """Every kind on rank 0 and on the last rank; slow faults start at step 4 (after warm-up);
+    SIGSTOP freezes the rank at a random moment of its step 6 (not at its start)."""
     last = nproc - 1
     specs = ["jitter:pct=20"]
     for r in (0, last):
         specs += [f"delay:rank={r},ms=10,step=4", f"slow_compute:rank={r},factor=2,step=4",
-                  f"hang:rank={r},step=6", f"hang:rank={r},step=6,where=compute", f"sigstop:rank={r},step=6",
+                  f"hang:rank={r},step=6", f"hang:rank={r},step=6,where=compute", f"sigstop:rank={r},step=6,at=random,seed={r + 1}",
                   f"crash:rank={r},step=6"]
     ms = 5 if nproc <= 4 else 20  # more ranks per core: noisier waits, a link must be slower to stand out
     gap = _link_gap(nproc, pp)

@@ -19,6 +19,7 @@ is the agent's documented extension point and returns exactly that, where
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import os
 import signal
@@ -181,15 +182,18 @@ class _ReportingAgent(LocalElasticAgent):
 
     def _monitor_workers(self, worker_group):
         result = super()._monitor_workers(worker_group)
-        if result.state == WorkerState.FAILED:
-            for failure in result.failures.values():
+        if result.state == WorkerState.FAILED:  # the first to fail first: it is the likely culprit
+            for failure in sorted(result.failures.values(), key=lambda f: f.timestamp):
                 self._on_failure(failure.pid, failure.exitcode)
         return result
 
 
 def _run_agent(node_rank: int, nodes: int, per_node: int, port: int, run_id: str, max_restarts: int,
                worker_args: tuple[str, ...], on_failure: Callable[[int, int], None]) -> None:
-    """One simulated node: an elastic agent with `per_node` workers (what torchrun runs)."""
+    """One simulated node: an elastic agent with `per_node` workers (what torchrun runs).
+    Its per-worker "sending SIGTERM" warnings are silenced: when one worker fails, the
+    terminal gets the agent's one line naming it and each survivor's one line."""
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.ERROR)
     params = RendezvousParameters(backend="c10d", endpoint=f"127.0.0.1:{port}", run_id=run_id, min_nodes=nodes,
                                   max_nodes=nodes, local_addr="127.0.0.1", is_host=node_rank == 0,
                                   last_call_timeout=1, timeout=900)
@@ -202,8 +206,9 @@ def _run_agent(node_rank: int, nodes: int, per_node: int, port: int, run_id: str
     finally:
         spec.rdzv_handler.shutdown()
     if result.is_failed():
-        # the rank that failed first is the culprit; the agent then terminated the others
-        rank, first = min(result.failures.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
+        # the rank that failed first is the culprit; the agent then terminated the others (SIGTERM)
+        own = {r: f for r, f in result.failures.items() if f.exitcode != -signal.SIGTERM} or result.failures
+        rank, first = min(own.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
         raise UserError(f"{len(result.failures)} rank(s) failed; rank {rank} failed first, with exit code "
                         f"{first.exitcode} (its message is printed above)")
 
