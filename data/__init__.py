@@ -12,17 +12,17 @@ from .errors import DataError
 from .prepare import (PrepareResult, default_cache_dir, ensure_prepared, prepare,
                       prepare_bundled, prepare_command)
 from .sampler import DistributedBatchSampler, epoch_permutation
-from .shards import (INDEX_NAME, ShardIndex, ShardInfo, TokenShards, read_index, read_shard,
-                     token_dtype, verify_shards, write_index, write_shard)
+from .shards import (INDEX_NAME, BackgroundVerifier, ShardIndex, ShardInfo, TokenShards, read_index, read_shard,
+                     token_dtype, verify_shard, verify_shards, write_index, write_shard)
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer, tokenizer_fingerprint
 from .writer import DEFAULT_SHARD_TOKENS, ShardWriter
 
 __all__ = [
-    "DEFAULT_MAX_BYTES", "DEFAULT_SHARD_TOKENS", "INDEX_NAME", "ByteTokenizer", "DataError",
+    "DEFAULT_MAX_BYTES", "DEFAULT_SHARD_TOKENS", "INDEX_NAME", "BackgroundVerifier", "ByteTokenizer", "DataError",
     "DistributedBatchSampler", "HFTokenizer", "PrepareResult", "ShardIndex", "ShardInfo",
     "ShardWriter", "TokenDataset", "TokenShards", "Tokenizer", "collate", "default_cache_dir",
     "ensure_prepared", "epoch_permutation", "expand_inputs", "iter_bundled_documents",
     "iter_bundled_files", "iter_documents", "load_tokenizer", "prepare", "prepare_bundled",
     "prepare_command", "read_index", "read_shard", "token_dtype", "tokenizer_fingerprint",
-    "verify_shards", "write_index", "write_shard",
+    "verify_shard", "verify_shards", "write_index", "write_shard",
 ]

@@ -331,16 +331,58 @@ class TokenShards:
 def verify_shards(shard_dir: str | Path) -> ShardIndex:
     """Full check of a shard directory: every byte's crc32 and every token id's range."""
     shards = TokenShards(shard_dir)
-    for info, path, arr in zip(shards.index.shards, shards.paths, shards.arrays):
-        crc = 0
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                crc = zlib.crc32(chunk, crc)
-        if crc != info.crc32:
-            raise DataError(f"shard {path} fails its checksum (crc32 of the file differs from "
-                            f"{INDEX_NAME}); {FIX}")
-        if len(arr) and int(arr.max()) >= shards.vocab_size:
-            bad = int(np.argmax(arr >= shards.vocab_size))
-            raise DataError(f"shard {path}: token id {int(arr[bad])} at position {bad} is >= "
-                            f"vocab_size {shards.vocab_size} from {INDEX_NAME}; {FIX}")
+    for k in range(len(shards.arrays)):
+        verify_shard(shards, k)
     return shards.index
+
+
+def verify_shard(shards: TokenShards, k: int) -> None:
+    """Full check of shard k: its whole file's crc32 against the index (opening a shard
+    checks only its size and the crc32 of its last 64 KiB), and every token id's range."""
+    info, path, arr = shards.index.shards[k], shards.paths[k], shards.arrays[k]
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    if crc != info.crc32:
+        raise DataError(f"shard {path} fails its checksum (crc32 of the file differs from "
+                        f"{INDEX_NAME}); {FIX}")
+    if len(arr) and int(arr.max()) >= shards.vocab_size:
+        bad = int(np.argmax(arr >= shards.vocab_size))
+        raise DataError(f"shard {path}: token id {int(arr[bad])} at position {bad} is >= "
+                        f"vocab_size {shards.vocab_size} from {INDEX_NAME}; {FIX}")
+
+
+class BackgroundVerifier:
+    """Full checks of some shards (`verify_shard`) in a daemon thread, once, while training
+    runs: a same-size overwrite in the middle of a shard passes the cheap checks made at
+    open. `failure` holds the first DataError found (and `bad_shard` its shard index), for
+    the trainer to stop on. zlib releases the GIL on large buffers, so the thread costs the
+    training thread little (docs/benchmarks.md)."""
+
+    def __init__(self, shards: TokenShards, which: list[int]):
+        import threading
+
+        self.shards, self.which = shards, list(which)
+        self.failure: DataError | None = None
+        self.bad_shard: int | None = None
+        self.seconds: float | None = None  # once done: how long the checks took
+        self._thread = threading.Thread(target=self._run, name="shard-verifier", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import time
+
+        t0 = time.perf_counter()
+        for k in self.which:
+            try:
+                verify_shard(self.shards, k)
+            except DataError as e:
+                self.failure, self.bad_shard = e, k
+                break
+        self.seconds = time.perf_counter() - t0
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the checks; True when they are done."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()

@@ -1,4 +1,4 @@
-"""The `dist-train` command: train, local, prepare, report, drill.
+"""The `dist-train` command: train, local, prepare, verify, report, drill.
 
 User mistakes (bad config, bad data, impossible layout) end in one line naming the field
 and the fix, exit code 2 — never a traceback.
@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     sp.add_argument("--verify", action="store_true", help="re-read every shard written and check its full CRC32")
+    sp = sub.add_parser("verify", help="fully check shard folders and checkpoints (every file's CRC32)")
+    sp.add_argument("paths", nargs="+", help="a shard folder (index.json), a checkpoint (step-NNNNNN), a run's "
+                                             "checkpoints/ folder or a run directory")
     sp = sub.add_parser("report", help="draw a run's curves to RUN_DIR/report/*.png")
     sp.add_argument("run_dir")
     sp = sub.add_parser("drill", help="C4 drills: run a simulated job with an injected fault and check that "
@@ -93,6 +96,10 @@ def run(argv: list[str] | None = None) -> None:
         from dist_train.launchers.drill import drill_command
 
         drill_command(args)
+    elif args.command == "verify":
+        from .verify import verify_command
+
+        verify_command(args.paths)
     elif args.command == "report":
         from .report import write_report
 

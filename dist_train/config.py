@@ -68,6 +68,9 @@ class DataSection:
     tokenizer: str = _f("byte", "'byte' or the path of a HF tokenizer.json")
     seq_len: int = _f(128, "tokens per sample", min=2)
     cache_dir: str = _f("", "where the bundled corpus is prepared; empty = ~/.cache/dist-train")
+    verify: str = _f("background", "check every shard's full CRC32 once per run, spread over the ranks, in a "
+                     "background thread (the run stops naming a damaged file); off = only the checks at open",
+                     choices=("background", "off"))
 
 
 @dataclass

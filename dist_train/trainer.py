@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from dist_train import kernels
-from dist_train.data import DistributedBatchSampler, TokenDataset, ensure_prepared
+from dist_train.data import BackgroundVerifier, DataError, DistributedBatchSampler, TokenDataset, ensure_prepared
 from dist_train.fault.collectives import get_recorder, name_mesh_groups
 from dist_train.parallel.clip import clip_grad_norm_
 from dist_train.parallel.data_parallel import set_gradient_sync
@@ -98,6 +98,10 @@ class Trainer:
         name_mesh_groups(self.mesh)
         kernels.set_default_backend(cfg.kernels.backend)
         self.dataset = TokenDataset(shard_dir, cfg.data.seq_len)
+        # each rank fully checks every world-th shard once, while training runs
+        n_shards = len(self.dataset.shards.paths)
+        self.verifier = (BackgroundVerifier(self.dataset.shards, range(self.rank, n_shards, self.env.world_size))
+                         if cfg.data.verify == "background" else None)
         self.sampler = DistributedBatchSampler(
             len(self.dataset), global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch,
             dp_size=self.dp_mesh.size(), dp_rank=self.dp_mesh.get_local_rank(), seed=cfg.run.seed)
@@ -205,6 +209,9 @@ class Trainer:
         stats.add("peak_memory_bytes", peak_memory_bytes(self.device))
         stats.add("step_time_s", step_time)
         stats.add("idle_s", self._idle_s(step_time))
+        v = self.verifier
+        stats.add("data_bad_shard", -1 if v is None or v.bad_shard is None else v.bad_shard)
+        stats.add("data_verify_s", -1 if v is None or v.seconds is None else v.seconds)  # -1: still checking
         groups: dict = {}
         for name, c in self.recorder.group_summary(reset=True).items():
             into = groups.setdefault(name if name in COMM_GROUPS else "other", dict.fromkeys(c, 0))
@@ -218,7 +225,14 @@ class Trainer:
         return stats
 
     def build_record(self, step: int, g: GatheredStats, local: dict) -> dict:
-        """The step's metrics.jsonl record from every rank's stats."""
+        """The step's metrics.jsonl record from every rank's stats. A damaged shard found by
+        any rank's verifier stops every rank here, at the same step, naming the file."""
+        bad = int(g.column("data_bad_shard").max())
+        if bad >= 0:
+            raise DataError(f"data.source: {self.dataset.shards.paths[bad]} fails its full check (crc32 or token "
+                            f"range), found while training at step {step}; the run stops rather than train on "
+                            "damaged tokens; re-run `dist-train prepare` for it (`dist-train verify "
+                            f"{self.dataset.dir}` checks every shard)")
         tokens = self.cfg.train.global_batch * self.cfg.data.seq_len
         step_time = float(g.column("step_time_s").max())
         record = {
@@ -238,6 +252,9 @@ class Trainer:
         if self.args.moe_experts:
             micro_batches = self.sampler.global_batch // self.sampler.micro_batch  # over all dp ranks
             record["moe"] = moe.stats_record(g, self.args.moe_layer_ids(), self.args.moe_experts, micro_batches)
+        if self.verifier is not None:  # seconds the full shard checks took, once every rank's are done
+            done = g.column("data_verify_s")
+            record["data_verify_s"] = float(done.max()) if bool((done >= 0).all()) else None
         if local["c4_findings"] is not None:
             record["c4_findings"] = local["c4_findings"]
         return record

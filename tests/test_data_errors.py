@@ -302,3 +302,29 @@ def test_prepare_command_prints_a_summary_not_a_repr(tmp_path):
     proc = run_cli("prepare", str(tmp_path / "e.txt"), "--out", str(tmp_path / "T"), "--overwrite", check=False)
     assert proc.returncode == 2 and "holds no text" in proc.stderr and "Traceback" not in proc.stderr
     assert read_index(tmp_path / "T").documents == 40
+
+
+# --- full checks: `dist-train verify`, and a run that meets a damaged shard -------------
+
+def _overwrite_middle(path):
+    """A same-size overwrite in the middle of a file: its size and last 64 KiB are intact."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_verify_names_a_damaged_shard_and_passes_good_ones(tmp_path):
+    from tests.conftest import run_cli
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": "words and more words " * 2000 + str(i)}) + "\n" for i in range(20)))
+    run_cli("prepare", str(docs), "--out", str(tmp_path / "S"))
+    ok = run_cli("verify", str(tmp_path / "S"))
+    assert ok.stdout.startswith("ok ") and "every CRC32 and token id checked" in ok.stdout
+    _overwrite_middle(tmp_path / "S" / "shard-00000.arrow")
+    TokenShards(tmp_path / "S")  # the cheap checks at open do not see it ...
+    bad = run_cli("verify", str(tmp_path / "S"), check=False)  # ... the full check does
+    assert bad.returncode == 2 and "BAD" in bad.stdout and "shard-00000.arrow fails its checksum" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    missing = run_cli("verify", str(tmp_path / "nothing"), check=False)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
