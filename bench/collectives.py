@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SIZES = (1, 1024, 65536, 262144)  # floats
+SIZES = (1, 1024, 16384, 262144)  # floats
 
 
 def _worker(rank: int, port: int, rounds: int, ops: int, out: str) -> None:
