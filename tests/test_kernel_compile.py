@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-CHECKS = ["rms_norm", "swiglu", "rope", "attention", "cross_entropy", "moe"]
+CHECKS = ["rms_norm", "swiglu", "rope", "attention", "cross_entropy", "moe", "quantize"]
 KERNELS = {  # every Triton kernel of every op file
     "rms_norm": {"_rms_norm_fwd_kernel", "_rms_norm_bwd_kernel"},
     "swiglu": {"_swiglu_fwd_kernel", "_swiglu_bwd_kernel"},
@@ -24,6 +24,7 @@ KERNELS = {  # every Triton kernel of every op file
     "attention": {"_attn_fwd_kernel", "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"},
     "cross_entropy": {"_ce_stats_kernel", "_ce_grad_kernel"},
     "moe": {"_moe_scatter_kernel", "_moe_gather_sum_kernel"},
+    "quantize": {"_quantize_kernel", "_dequantize_kernel"},
 }
 
 
@@ -58,7 +59,7 @@ def test_kernels_compile_for_sm90(tmp_path):
 # ----------------------------------------------------------------------------- subprocess side
 
 _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
-          torch.int32: "i32", torch.bool: "i1"}
+          torch.int32: "i32", torch.int8: "i8", torch.bool: "i1"}
 
 
 def _install_compiler():
@@ -136,6 +137,9 @@ def _run_op(name, dtype):
         permuted, row_map, _ = K.moe_permute(rand(6, 48), ids, 4, backend="triton")
         out = K.moe_unpermute(permuted, row_map, torch.rand(6, 2, requires_grad=True), backend="triton")
         out.float().sum().backward()
+    elif name == "quantize":
+        q, scales = K.quantize_int8(torch.randn(1000), backend="triton")
+        K.dequantize_int8(q, scales, backend="triton")
 
 
 if __name__ == "__main__":
