@@ -98,7 +98,11 @@ class Checkpointer:
         self.rank = dist.get_rank()
 
     # ---- saving -------------------------------------------------------------------------
-    def save(self, step: int, model, optimizer, train_state: dict) -> Path:
+    def save(self, step: int, model, optimizer, train_state: dict, *, replica: int | None = None,
+             extra: dict | None = None) -> Path:
+        """`replica`: DiLoCo replicas train apart between outer steps, so each saves its model
+        and optimizer under its own key (`replica<r>.model...`); `extra` is state every
+        replica holds alike (DiLoCo's global parameters), saved once."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -110,7 +114,7 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         dist.barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(flat=True))
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        dcp.save(_layout(model_sd, optim_sd, replica, extra), checkpoint_id=str(tmp))
         rng_name = f"rng-{self.rank:05d}.pt"
         torch.save(_rng_state(), tmp / rng_name)
         mine = [rng_name] + sorted(p.name for p in tmp.glob(f"__{self.rank}_*"))
@@ -174,20 +178,41 @@ class Checkpointer:
                 self.log(f"warning: {e}; falling back to the previous checkpoint")
         return None
 
-    def load(self, path: Path, model, optimizer) -> dict:
+    def train_state(self, path: Path) -> dict:
+        """The checkpoint's train_state.json (step, sampler, schedule, DiLoCo's counters)."""
+        return json.loads((Path(path) / TRAIN_STATE).read_text())
+
+    def load(self, path: Path, model, optimizer, *, replica: int | None = None, extra: dict | None = None) -> dict:
+        """Load into `model`, `optimizer` and (in place) `extra`, as `save` laid them out."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+        keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        want = "model." if replica is None else f"replica{replica}.model."
+        if not any(k.startswith(want) for k in keys):
+            saved = "a DiLoCo run's (per replica)" if any(k.startswith("replica") for k in keys) else "a plain run's"
+            raise CheckpointError(f"checkpoint {path} holds {saved} state, not the {want[:-1]} this run needs "
+                                  "(diloco.enabled / diloco.replicas differ from the run that saved it); resume with "
+                                  "the same diloco settings, or start a new run.name")
         options = _options(flat=_is_flat(path))
         model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
-        state = {"model": model_sd, "optim": optim_sd}
+        state = _layout(model_sd, optim_sd, replica, extra)
         dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+        mine = state if replica is None else state[f"replica{replica}"]
+        set_state_dict(model, optimizer, model_state_dict=mine["model"], optim_state_dict=mine["optim"],
                        options=options)
+
         rng = path / f"rng-{self.rank:05d}.pt"
         if rng.exists():  # absent when resuming on more ranks than saved: keep the fresh seed
             _set_rng_state(torch.load(rng, weights_only=False))
         return json.loads((path / TRAIN_STATE).read_text())
+
+
+def _layout(model_sd: dict, optim_sd: dict, replica: int | None, extra: dict | None) -> dict:
+    """What DCP saves and loads: model and optimizer (under the replica's key for DiLoCo),
+    then the extra state at the top level."""
+    own = {"model": model_sd, "optim": optim_sd}
+    return {**(own if replica is None else {f"replica{replica}": own}), **(extra or {})}
 
 
 def _options(flat: bool):
@@ -201,7 +226,7 @@ def _is_flat(path: Path) -> bool:
     import torch.distributed.checkpoint as dcp
 
     keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    return "optim.param_groups.0.params" not in keys
+    return not any(k.endswith("optim.param_groups.0.params") for k in keys)
 
 
 def _rng_state() -> dict:

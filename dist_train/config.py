@@ -105,12 +105,31 @@ class ParallelSection:
 
 @dataclass
 class DilocoSection:
-    enabled: bool = _f(False, "synchronise replicas with DiLoCo")
-    inner_steps: int = _f(100, "inner steps between outer synchronisations", min=1)
+    enabled: bool = _f(False, "synchronise replicas with DiLoCo every inner_steps (parallel/diloco.py)")
+    replicas: int = _f(1, "DiLoCo replicas (the outermost mesh dim); each trains its share of the global batch",
+                       min=1)
+    inner_steps: int = _f(100, "H: inner steps between outer synchronisations", min=1)
     outer_lr: float = _f(0.7, "outer Nesterov learning rate", min=0.0)
     outer_momentum: float = _f(0.9, "outer Nesterov momentum", min=0.0, max=1.0)
-    quantize: bool = _f(False, "send pseudo-gradients as int8")
-    replicas: int = _f(1, "DiLoCo replicas (outermost mesh dim)", min=1)
+    quantize: str = _f("none", "pseudo-gradient payload: fp32, bf16, or int8 with a per-256 scale",
+                       choices=("none", "bf16", "int8"))
+    fragments: int = _f(1, "F: layer-contiguous fragments synced one at a time, H / F inner steps apart "
+                        "(Streaming DiLoCo); 1 = plain DiLoCo", min=1)
+    overlap: bool = _f(False, "streaming only: a fragment's exchange runs during the next inner steps and its "
+                       "update is applied 2 steps later")
+    mix: float = _f(0.5, "with overlap: a fragment's local parameters become mix x local + (1 - mix) x global",
+                    min=0.0, max=1.0)
+    offload: bool = _f(False, "keep the global parameters and outer momentum on the CPU")
+    reject_factor: float = _f(10.0, "reject a replica's pseudo-gradient whose norm exceeds this x the running "
+                              "median of past ones (or is not finite); 0 = only non-finite", min=0.0)
+
+
+@dataclass
+class EvalSection:
+    every: int = _f(0, "evaluate every n steps (and at the end) on a held-out split; 0 = off, nothing held out",
+                    min=0)
+    batches: int = _f(4, "global batches in the held-out split (the last samples of the data, never trained on)",
+                      min=1)
 
 
 @dataclass
@@ -155,7 +174,7 @@ class MetricsSection:
 
 SECTIONS = {
     "run": RunSection, "model": ModelSection, "data": DataSection, "train": TrainSection,
-    "parallel": ParallelSection, "diloco": DilocoSection, "checkpoint": CheckpointSection,
+    "parallel": ParallelSection, "diloco": DilocoSection, "eval": EvalSection, "checkpoint": CheckpointSection,
     "c4": C4Section, "fault": FaultSection, "kernels": KernelsSection, "metrics": MetricsSection,
 }
 
@@ -168,6 +187,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     diloco: DilocoSection = field(default_factory=DilocoSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     c4: C4Section = field(default_factory=C4Section)
     fault: FaultSection = field(default_factory=FaultSection)

@@ -68,21 +68,22 @@ def check_layout(cfg: Config, world_size: int, local_world_size: int | None = No
     `local_world_size` (ranks per node) lets the hierarchical all-to-all be checked;
     `tokenizer_vocab` (the data's, once known) the split of the padded vocabulary."""
     p = cfg.parallel
-    if cfg.diloco.enabled:
-        raise ConfigError("diloco.enabled = true: DiLoCo is not available yet in this version; set it to false")
+    _check_diloco(cfg, world_size)
     dims = ParallelDims.resolve(world_size, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard,
                                 tp=p.tp, pp=p.pp, ep=p.ep, diloco=cfg.diloco.replicas)
     _check_moe(cfg, dims, local_world_size)
     if dims.tp > 1:
         _check_tp(cfg, dims.tp, tokenizer_vocab)
     t = cfg.train
-    if t.global_batch % (dims.dp_size * t.micro_batch):
+    split = dims.batch_ranks * t.micro_batch
+    if t.global_batch % split:
+        replicas = f"diloco.replicas x " if dims.diloco > 1 else ""
         raise ConfigError(
-            f"train.global_batch = {t.global_batch} must be divisible by dp x micro_batch = "
-            f"{dims.dp_size} x {t.micro_batch} = {dims.dp_size * t.micro_batch} "
+            f"train.global_batch = {t.global_batch} must be divisible by {replicas}dp x micro_batch = "
+            f"{dims.batch_ranks} x {t.micro_batch} = {split} "
             f"(dp = dp_replicate x dp_shard = {dims.dp_replicate} x {dims.dp_shard}); "
-            f"set train.global_batch to a multiple of {dims.dp_size * t.micro_batch}")
-    _check_pipeline(cfg, dims, t.global_batch // (dims.dp_size * t.micro_batch))
+            f"set train.global_batch to a multiple of {split}")
+    _check_pipeline(cfg, dims, t.global_batch // split)
     return dims
 
 
@@ -96,6 +97,30 @@ def check_run_dir(cfg: Config) -> None:
 
 
 # ----------------------------------------------------------------------------- the checks
+
+
+def _check_diloco(cfg: Config, world_size: int) -> None:
+    d = cfg.diloco
+    if not d.enabled:
+        if d.replicas > 1:
+            raise ConfigError(f"diloco.replicas = {d.replicas} needs diloco.enabled = true (replicas that never "
+                              "sync would train apart); set diloco.enabled = true, or diloco.replicas = 1")
+        return
+    if world_size % d.replicas:
+        raise ConfigError(f"diloco.replicas = {d.replicas} does not divide the {world_size} ranks of the job; "
+                          f"launch a multiple of {d.replicas} ranks or choose replicas dividing {world_size}")
+    if d.inner_steps % d.fragments:
+        raise ConfigError(f"diloco.fragments = {d.fragments} must divide diloco.inner_steps = {d.inner_steps} "
+                          "(fragment f syncs H / F steps after fragment f - 1); choose fragments dividing it")
+    if d.fragments > cfg.model.n_layers:
+        raise ConfigError(f"diloco.fragments = {d.fragments} is more than model.n_layers = {cfg.model.n_layers} "
+                          "(fragments are layer-contiguous); use at most that many")
+    if d.overlap and d.fragments == 1:
+        raise ConfigError("diloco.overlap = true is for streaming DiLoCo: set diloco.fragments > 1, or "
+                          "diloco.overlap = false")
+    if d.overlap and d.inner_steps // d.fragments < 2:
+        raise ConfigError(f"diloco.overlap = true needs H / F >= 2 inner steps between fragment syncs (an "
+                          f"exchange takes 2 steps), got {d.inner_steps} / {d.fragments}; lower diloco.fragments")
 
 
 def _check_tp(cfg: Config, tp: int, tokenizer_vocab: int | None) -> None:

@@ -237,6 +237,13 @@ def moe_layers(module: nn.Module):
     return [m for m in module.modules() if isinstance(m, MoE)]
 
 
+def reset_stats(parts) -> None:
+    """Forget what the MoE layers routed since the last step (an evaluation's tokens)."""
+    for part in parts:
+        for m in moe_layers(part):
+            m.stats.reset()
+
+
 def set_aux_grad_scale(parts, scale: float, pipelined: bool = False) -> None:
     """Scale of the aux losses' gradient. A torch pipeline stage runs one forward on
     uninitialised inputs at its first step to learn shapes: `pipelined` keeps it out of

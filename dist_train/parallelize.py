@@ -123,6 +123,20 @@ class LocalModel(nn.Module):
         self.output = next((p.output for p in parts if getattr(p, "output", None) is not None), None)
 
 
+def diloco_fragments(model: nn.Module, n_layers: int, fragments: int) -> list[list[tuple[str, torch.Tensor]]]:
+    """This rank's parameters in `fragments` layer-contiguous groups for streaming DiLoCo:
+    block i in fragment i x F // n_layers, the embedding with the first, the final norm and
+    the head with the last (a rank may hold none of a fragment: a pipeline stage)."""
+    out: list[list] = [[] for _ in range(fragments)]
+    for name, p in model.named_parameters():
+        if name.startswith("layers."):
+            f = int(name.split(".")[1]) * fragments // n_layers
+        else:
+            f = 0 if name.startswith("tok_embeddings.") else fragments - 1
+        out[f].append((name, p))
+    return out
+
+
 # ----------------------------------------------------------------------------- tensor parallel
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,6 +24,7 @@ from dist_train.fault.collectives import get_recorder, name_mesh_groups
 from dist_train.parallel.clip import clip_grad_norm_
 from dist_train.parallel.data_parallel import set_gradient_sync
 from dist_train.parallel.dims import MESH_DIMS
+from dist_train.parallel.diloco import MeshReplicaComm, OuterLoop
 from dist_train.parallel.tensor_parallel import reduce_partial_grads
 
 from . import moe
@@ -34,10 +36,10 @@ from .failures import peer_lost
 from .layout import preflight
 from .metrics import GatheredStats, MetricsLog, MetricsWriter, StepStats, peak_memory_bytes
 from .model import ModelArgs, count_params
-from .parallelize import parallelize
+from .parallelize import diloco_fragments, parallelize
 
 # mesh groups whose traffic metrics report by name (`comm_by_dim`); others count as "other"
-COMM_GROUPS = MESH_DIMS + ("ep", "edp", "dp", "world", "other")
+COMM_GROUPS = MESH_DIMS + ("ep", "edp", "batch", "replica", "world", "other")
 
 
 def write_resolved_config(cfg: Config, start_step: int) -> None:
@@ -94,18 +96,20 @@ class Trainer:
         shard_dir = self._prepare_data()
         nodes = self.env.world_size // self.env.local_world_size
         self.dims = preflight([cfg], self.env.world_size, nodes, shard_dirs=[shard_dir]).runs[0].dims
-        self.mesh, self.dp_mesh = self.dims.build_mesh(self.device.type)
+        self.mesh, self.batch_mesh = self.dims.build_mesh(self.device.type)
         name_mesh_groups(self.mesh)
         kernels.set_default_backend(cfg.kernels.backend)
         self.dataset = TokenDataset(shard_dir, cfg.data.seq_len)
+        self.n_train = len(self.dataset) - self._held_out()
         # each rank fully checks every world-th shard once, while training runs
         n_shards = len(self.dataset.shards.paths)
         self.verifier = (BackgroundVerifier(self.dataset.shards, range(self.rank, n_shards, self.env.world_size))
                          if cfg.data.verify == "background" else None)
         self.sampler = DistributedBatchSampler(
-            len(self.dataset), global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch,
-            dp_size=self.dp_mesh.size(), dp_rank=self.dp_mesh.get_local_rank(), seed=cfg.run.seed)
+            self.n_train, global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch,
+            dp_size=self.batch_mesh.size(), dp_rank=self.batch_mesh.get_local_rank(), seed=cfg.run.seed)
         self._setup_model()
+        self.outer = self._setup_outer() if cfg.diloco.enabled else None
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, log=self.log)
 
     def log(self, msg: str) -> None:
@@ -138,13 +142,57 @@ class Trainer:
         self.autocast = (torch.autocast(self.device.type, dtype=self.dtype)
                          if self.dtype != torch.float32 and not self.dims.fsdp_enabled else nullcontext())
 
+    def _held_out(self) -> int:
+        """Samples at the end of the data kept for evaluation ([eval]), never trained on."""
+        if not self.cfg.eval.every:
+            return 0
+        n = self.cfg.eval.batches * self.cfg.train.global_batch
+        if n >= len(self.dataset):
+            raise DataError(f"eval.batches = {self.cfg.eval.batches} x train.global_batch = {self.cfg.train.global_batch} "
+                            f"= {n} samples held out leaves nothing to train on ({len(self.dataset)} samples in "
+                            f"{self.dataset.dir}); lower eval.batches or prepare more data")
+        return n
+
+    def _setup_outer(self) -> OuterLoop:
+        """DiLoCo's outer loop over this rank's parameters; its replica group links the
+        ranks holding the same shard in every replica (the mesh's diloco dim)."""
+        d = self.cfg.diloco
+        comm = MeshReplicaComm(self.mesh["diloco"].get_group(), self.dims.replica_mesh(self.mesh).get_group())
+        return OuterLoop(diloco_fragments(self.model, self.args.n_layers, d.fragments), comm,
+                         inner_steps=d.inner_steps, outer_lr=d.outer_lr, momentum=d.outer_momentum,
+                         quantize=d.quantize, overlap=d.overlap, mix=d.mix, offload=d.offload,
+                         reject_factor=d.reject_factor, deferred=self.recorder.deferred, tamper=self._bad_update())
+
+    def _bad_update(self):
+        """A `bad_update` drill fault for this rank (fault/inject.py), as the outer loop's tamper."""
+        from dist_train.fault.inject import parse_specs
+
+        mine = [i for i in parse_specs(self.cfg.fault.inject) if i.kind == "bad_update" and i.rank == self.rank]
+        if not mine:
+            return None
+        inj, fired = mine[0], []
+
+        def tamper(step: int, flat: torch.Tensor) -> torch.Tensor:
+            if step < inj.step or fired:
+                return flat
+            fired.append(step)
+            print(f"fault injection: rank {self.rank} sends its pseudo-gradient x {inj.scale:g} at step {step}",
+                  file=sys.stderr, flush=True)
+            return flat * inj.scale if inj.scale == inj.scale else torch.full_like(flat, float("nan"))
+
+        return tamper
+
     # ---- state --------------------------------------------------------------------------
     def resume(self) -> int:
         path = self.checkpointer.find_resumable(self.cfg.checkpoint.resume)
         if path is None:
             return 0
+        extra = None
+        if self.outer:  # its counters first, then its tensors load in place (parallel/diloco.py)
+            self.outer.set_meta(self.checkpointer.train_state(path)["diloco"])
+            extra = {"diloco": self.outer.tensors()}
         with self.recorder.paused():
-            state = self.checkpointer.load(path, self.model, self.optimizer)
+            state = self.checkpointer.load(path, self.model, self.optimizer, replica=self._replica(), extra=extra)
         self.sampler.load_state_dict(state["sampler"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.log(f"resumed from {path} at step {state['step']}")
@@ -154,8 +202,16 @@ class Trainer:
         state = {"sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "layout": self.dims.describe(), "world_size": self.dims.world_size}
         with self.recorder.paused(), c4.busy("checkpoint"):  # peers wait for rank 0 here, legitimately
-            path = self.checkpointer.save(step, self.model, self.optimizer, state)
+            extra = None
+            if self.outer:
+                state["diloco"] = self.outer.meta()
+                extra = {"diloco": self.outer.tensors()}
+            path = self.checkpointer.save(step, self.model, self.optimizer, state, replica=self._replica(), extra=extra)
         self.log(f"saved {path}")
+
+    def _replica(self) -> int | None:
+        """This rank's DiLoCo replica (checkpoints keep each replica's own model and optimizer)."""
+        return self.mesh["diloco"].get_local_rank() if self.outer else None
 
     def checkpoint_due(self, step: int) -> bool:
         every = self.cfg.checkpoint.every
@@ -202,13 +258,16 @@ class Trainer:
         return torch.stack([l.detach().float() for l in losses]).mean()
 
     # ---- metrics ------------------------------------------------------------------------
-    def step_stats(self, loss: torch.Tensor, step_time: float) -> StepStats:
+    def step_stats(self, loss: torch.Tensor, step_time: float, eval_loss: float) -> StepStats:
         """This rank's numbers for the step just taken (metrics.py gathers them)."""
         stats = StepStats()
         stats.add("loss", loss.item())
+        stats.add("eval_loss", eval_loss)
         stats.add("peak_memory_bytes", peak_memory_bytes(self.device))
         stats.add("step_time_s", step_time)
         stats.add("idle_s", self._idle_s(step_time))
+        if self.outer is not None:  # after an outer step every replica holds the same global state
+            stats.add("diloco_digest", self.outer.digest() if self.outer.stats.applied else -1)
         v = self.verifier
         stats.add("data_bad_shard", -1 if v is None or v.bad_shard is None else v.bad_shard)
         stats.add("data_verify_s", -1 if v is None or v.seconds is None else v.seconds)  # -1: still checking
@@ -249,6 +308,13 @@ class Trainer:
             "comm": g.comm(),
             "comm_by_dim": g.comm_by_dim(),
         }
+        if not bool(g.column("eval_loss").isnan().all()):  # evaluated this step (the last stages hold it)
+            record["eval_loss"] = float(g.column("eval_loss").nanmean())
+        if local["outer"] is not None:
+            record.update(self._outer_record(local["outer"]))
+            if local["outer"].applied:  # the same shard (rank modulo a replica's ranks) agrees in every replica
+                digests = g.column("diloco_digest").view(self.dims.diloco, -1)
+                record["replicas_agree"] = bool((digests == digests[0]).all())
         if self.args.moe_experts:
             micro_batches = self.sampler.global_batch // self.sampler.micro_batch  # over all dp ranks
             record["moe"] = moe.stats_record(g, self.args.moe_layer_ids(), self.args.moe_experts, micro_batches)
@@ -258,6 +324,58 @@ class Trainer:
         if local["c4_findings"] is not None:
             record["c4_findings"] = local["c4_findings"]
         return record
+
+    def _outer_record(self, o) -> dict:
+        """DiLoCo's part of a record (every rank decides the same, so this rank's says it)."""
+        rejected = [{"replica": r.replica, "fragment": r.fragment, "norm": r.norm, "why": r.why} for r in o.rejected]
+        for r in o.rejected:
+            self.log(f"DiLoCo: step {r.step}: rejected replica {r.replica}'s pseudo-gradient (fragment {r.fragment}): "
+                     f"{r.why}; the outer step goes on with the others")
+        return {"outer_step": o.outer_step, "replicas": o.replicas, "synced_fragments": o.synced,
+                "applied_fragments": o.applied, "rejected": rejected}
+
+    def eval_due(self, step: int) -> bool:
+        every = self.cfg.eval.every
+        return bool(every) and (step % every == 0 or step == self.cfg.train.steps)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over this rank's share of the held-out split (NaN on ranks without the
+        last pipeline stage); under DiLoCo on the global parameters. Its collectives are
+        not a step's (paused), and the MoE layers forget what it routed."""
+        if self.outer:
+            self.outer.swap()
+        try:
+            with self.recorder.paused():
+                losses = [self._eval_batch(b) for b in range(self.cfg.eval.batches)]
+        finally:
+            if self.outer:
+                self.outer.swap()
+        _reshard(self.par.parts)
+        moe.reset_stats(self.par.parts)
+        if self.par.ep_topology is not None:
+            self.par.ep_topology.stats.take()
+        return float(torch.stack(losses).mean())
+
+    def _eval_batch(self, b: int) -> torch.Tensor:
+        """Held-out global batch b, this rank's share, in training's micro-batches."""
+        gb, mb = self.cfg.train.global_batch, self.cfg.train.micro_batch
+        per = gb // self.batch_mesh.size()
+        first = self.n_train + b * gb + self.batch_mesh.get_local_rank() * per
+        micro = [self.dataset.batch(list(range(i, i + mb))) for i in range(first, first + per, mb)]
+        if self.par.schedule is None:
+            with self.autocast:
+                return torch.stack([self.model(x.to(self.device), y.to(self.device)).float() for x, y in micro]).mean()
+        inputs = torch.cat([x for x, _ in micro]).to(self.device)
+        targets = torch.cat([y for _, y in micro]).to(self.device)
+        losses: list[torch.Tensor] = []
+        args = (inputs,) if self.par.first else ()
+        kwargs = dict(target=targets, losses=losses) if self.par.last else {}
+        with self.autocast:
+            self.par.schedule.eval(*args, **kwargs)
+        if not self.par.last:
+            return torch.full((), float("nan"), device=self.device)
+        return torch.stack([l.detach().float() for l in losses]).mean()
 
     def _idle_s(self, step_time: float) -> float:
         """Seconds of this step spent blocked in pipeline receives (the bubble), from the
@@ -291,12 +409,14 @@ class Trainer:
                 t0 = time.perf_counter()
                 c4.step_begin(step)
                 loss, grad_norm = self.train_step()
+                outer = self.outer.after_step(step) if self.outer else None  # DiLoCo: every H steps
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 step_time = time.perf_counter() - t0
-                metrics.submit(step, self.step_stats(loss, step_time), self.recorder.background,
+                eval_loss = self.evaluate() if self.eval_due(step) else float("nan")
+                metrics.submit(step, self.step_stats(loss, step_time, eval_loss), self.recorder.background,
                                lr=self.scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
-                               c4_findings=c4.findings_count)
+                               c4_findings=c4.findings_count, outer=outer)
                 c4.step_end(step, time.perf_counter() - t0)
                 if self.checkpoint_due(step):
                     metrics.flush()  # metrics.jsonl holds every step a checkpoint holds
@@ -306,6 +426,17 @@ class Trainer:
     def close(self) -> None:
         if self.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _reshard(parts) -> None:
+    """Free FSDP's gathered parameters after a forward without backward (an evaluation):
+    the root stays gathered after forward on purpose, for the backward that follows."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for part in parts:
+        for m in part.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
 
 
 def _progress(cfg: Config, start: int):

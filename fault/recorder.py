@@ -305,6 +305,17 @@ class CollectiveRecorder:
             self._paused -= 1
 
     @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Ops issued inside are counted like any other, but are `background` too: issued to
+        be waited later (an overlapped exchange), so C4 reads them as stuck only once the
+        caller waits."""
+        self._background += 1
+        try:
+            yield
+        finally:
+            self._background -= 1
+
+    @contextlib.contextmanager
     def background(self) -> Iterator[None]:
         """Like `paused`, for async work the caller waits for only later: its
         records are `background`, so C4 does not read them as stuck until

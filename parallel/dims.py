@@ -2,8 +2,9 @@
 
 World = diloco x pp x dp_replicate x dp_shard x tp, outermost first, so tensor-parallel
 peers are neighbouring ranks (same node). Every dimension is in the mesh even at size 1,
-so code can always ask for `mesh["dp_shard"]`; "dp" (dp_replicate x dp_shard flattened)
-is the group the data is split over. `ep` borrows dp_shard x tp ranks and adds no dimension.
+so code can always ask for `mesh["dp_shard"]`; "batch" (diloco x dp_replicate x dp_shard
+flattened: every replica trains its own share) is the group the data is split over. `ep`
+borrows dp_shard x tp ranks and adds no dimension.
 """
 from __future__ import annotations
 
@@ -65,16 +66,25 @@ class ParallelDims:
         return self.dp_replicate * self.dp_shard
 
     @property
+    def batch_ranks(self) -> int:
+        """Ranks the global batch is split over: every data-parallel rank of every replica."""
+        return self.diloco * self.dp_size
+
+    @property
     def fsdp_enabled(self) -> bool:
         return self.dp_size > 1
 
     def build_mesh(self, device_type: str):
-        """One DeviceMesh over all ranks with named dims, and the flattened "dp" mesh
-        (dp_replicate x dp_shard) the data is split over: returns (mesh, dp_mesh)."""
+        """One DeviceMesh over all ranks with named dims, and the flattened "batch" mesh
+        (diloco x dp_replicate x dp_shard) the data is split over: returns (mesh, batch_mesh)."""
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device_type, self.shape, mesh_dim_names=MESH_DIMS)
-        return mesh, mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        return mesh, mesh["diloco", "dp_replicate", "dp_shard"]._flatten("batch")
+
+    def replica_mesh(self, mesh):
+        """The ranks of this rank's replica (every dim but diloco), flattened."""
+        return mesh["pp", "dp_replicate", "dp_shard", "tp"]._flatten("replica")
 
     def describe(self) -> str:
         text = " x ".join(f"{n}={s}" for n, s in zip(MESH_DIMS, self.shape) if s > 1) or "single process"

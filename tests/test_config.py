@@ -63,6 +63,8 @@ BAD_OVERRIDES = [
     (["train.beta2=1.5"], "train.beta2 = 1.5: must be <= 1.0"),
     (["steps=5"], "expected section.key=value"),
     (["kernels.backend=cuda"], "kernels.backend = 'cuda': must be one of"),
+    (["diloco.inner_steps=0"], "diloco.inner_steps = 0: must be >= 1"),
+    (["diloco.quantize=int4"], "diloco.quantize = 'int4': must be one of 'none', 'bf16', 'int8'"),
 ]
 
 
@@ -86,7 +88,15 @@ BAD_LAYOUTS = [
     (["parallel.pp=4", "parallel.pp_schedule=interleaved"], 4, "n_layers must be a multiple of pp x 2 = 8"),
     (["parallel.pp=2", "model.tie_embeddings=true"], 2, "model.tie_embeddings = true cannot be used with pipeline"),
     (["parallel.pp=4", "train.global_batch=4"], 4, "2 micro-batch(es) per step, fewer than parallel.pp = 4"),
-    (["diloco.enabled=true"], 4, "DiLoCo is not available yet"),
+    (["diloco.replicas=2"], 4, "diloco.replicas = 2 needs diloco.enabled = true"),
+    (["diloco.enabled=true", "diloco.replicas=3"], 4, "diloco.replicas = 3 does not divide the 4 ranks"),
+    (["diloco.enabled=true", "diloco.inner_steps=10", "diloco.fragments=3"], 4,
+     "diloco.fragments = 3 must divide diloco.inner_steps = 10"),
+    (["diloco.enabled=true", "diloco.inner_steps=10", "diloco.fragments=5"], 4,
+     "diloco.fragments = 5 is more than model.n_layers = 4"),
+    (["diloco.enabled=true", "diloco.overlap=true"], 4, "diloco.overlap = true is for streaming DiLoCo"),
+    (["diloco.enabled=true", "diloco.replicas=2", "train.global_batch=4"], 4,
+     "must be divisible by diloco.replicas x dp x micro_batch = 4 x 2 = 8"),
 ]
 
 
