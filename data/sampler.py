@@ -112,6 +112,13 @@ class DistributedBatchSampler:
         while True:
             yield self.next_step()
 
+    def seek(self, step: int) -> None:
+        """Stand where `step` steps of this sampler's sequence would have left it (an elastic
+        replica that healed to another replica's step continues its own sequence there)."""
+        self.epoch, rest = divmod(step, self.steps_per_epoch)
+        self.samples_in_epoch = rest * self.global_batch
+        self.consumed_samples = step * self.global_batch
+
     def state_dict(self) -> dict[str, Any]:
         """The position in global terms; valid for any dp layout or micro-batch size."""
         return {

@@ -1,4 +1,4 @@
-"""The `dist-train` command: train, local, prepare, verify, report, drill.
+"""The `dist-train` command: train, local, lighthouse, prepare, verify, report, drill.
 
 User mistakes (bad config, bad data, impossible layout) end in one line naming the field
 and the fix, exit code 2 — never a traceback.
@@ -39,6 +39,15 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--nproc", type=int, required=True, help="ranks to start (1 = the single-process reference)")
     sp.add_argument("--nodes", type=int, default=1, help="simulated nodes; each gets nproc/nodes ranks")
     sp.add_argument("--max-restarts", type=int, default=0, help="restart the job this often after a failure")
+    sp.add_argument("--replicas", type=int, default=0, metavar="R",
+                    help="elastic DiLoCo: a lighthouse and R replica jobs of --nproc ranks each (diloco.enabled)")
+    sp = sub.add_parser("lighthouse", help="the coordinator of elastic DiLoCo replicas (torchft's Lighthouse)")
+    sp.add_argument("--bind", default="127.0.0.1:29510", help="HOST:PORT to listen on (port 0: any free one)")
+    sp.add_argument("--min-replicas", type=int, default=1, help="an outer step needs at least this many replicas")
+    sp.add_argument("--join-timeout-s", type=float, default=5.0,
+                    help="wait this long for the last quorum's replicas before forming a smaller quorum")
+    sp.add_argument("--heartbeat-timeout-s", type=float, default=5.0,
+                    help="a replica silent this long has left")
     sp = sub.add_parser("prepare", help="turn text / JSONL / Parquet files into token shards")
     sp.add_argument("inputs", nargs="+", help="files or folders (.txt/.md/.py..., .jsonl, .parquet)")
     sp.add_argument("--out", required=True, help="output folder for the shards")
@@ -69,9 +78,28 @@ def _local(args) -> None:
     from .config import load_runs
     from .layout import preflight
 
+    if args.replicas:
+        return _replicas(args)
     # fail here, once, before any rank starts (and prepare the data once)
     plan = preflight(load_runs(args.config, args.overrides, args.runs), args.nproc, args.nodes)
     LocalJob(args.config, args.overrides, args.nproc, args.nodes, args.max_restarts, args.runs, plan).run()
+
+
+def _replicas(args) -> None:
+    """`local --replicas R`: check one replica's run here, then start the lighthouse and the jobs."""
+    from dist_train.launchers.replicas import local_replicas
+
+    from .config import load_config
+    from .layout import preflight
+
+    if args.replicas < 1:
+        raise UserError(f"--replicas {args.replicas}: must be at least 1")
+    if args.runs:
+        raise UserError("--replicas cannot be combined with --runs; launch one elastic run at a time")
+    probe = load_config(args.config, [*args.overrides, "elastic.lighthouse=127.0.0.1:1", "elastic.replica_id=a"])
+    preflight([probe], args.nproc, args.nodes)
+    local_replicas(args.config, args.overrides, args.nproc, args.replicas, probe.run_dir.parent,
+                   min_replicas=probe.elastic.min_replicas, join_timeout_s=probe.elastic.join_timeout_s)
 
 
 def _prepare(args) -> None:
@@ -96,6 +124,10 @@ def run(argv: list[str] | None = None) -> None:
         from dist_train.launchers.drill import drill_command
 
         drill_command(args)
+    elif args.command == "lighthouse":
+        from dist_train.launchers.replicas import lighthouse_command
+
+        lighthouse_command(args.bind, args.min_replicas, args.join_timeout_s, args.heartbeat_timeout_s)
     elif args.command == "verify":
         from .verify import verify_command
 

@@ -125,11 +125,27 @@ class DilocoSection:
 
 
 @dataclass
+class ElasticSection:
+    lighthouse: str = _f("", "HOST:PORT of the lighthouse (`dist-train lighthouse`); empty = fixed replicas in one job")
+    replica_id: str = _f("", "this replica's name, unique among the replicas (each replica is its own job)")
+    min_replicas: int = _f(1, "an outer step needs at least this many replicas", min=1)
+    heartbeat_s: float = _f(0.1, "seconds between a replica's heartbeats to the lighthouse", min=0.01)
+    join_timeout_s: float = _f(5.0, "`dist-train local --replicas`: the lighthouse waits this long for replicas of "
+                               "the last quorum before forming a smaller one", min=0.1)
+    quorum_timeout_s: float = _f(120.0, "a replica waits this long for a quorum at an outer step (it must exceed "
+                                 "H x the step time: peers arrive up to a round apart); then it stops", min=1.0)
+    timeout_s: float = _f(30.0, "a cross-replica transfer that makes no progress this long means a member left",
+                          min=1.0)
+
+
+@dataclass
 class EvalSection:
     every: int = _f(0, "evaluate every n steps (and at the end) on a held-out split; 0 = off, nothing held out",
                     min=0)
     batches: int = _f(4, "global batches in the held-out split (the last samples of the data, never trained on)",
                       min=1)
+    params: str = _f("global", "under DiLoCo: evaluate the global (outer) parameters, or each replica's own "
+                     "(local; the eval loss is their mean)", choices=("global", "local"))
 
 
 @dataclass
@@ -174,7 +190,8 @@ class MetricsSection:
 
 SECTIONS = {
     "run": RunSection, "model": ModelSection, "data": DataSection, "train": TrainSection,
-    "parallel": ParallelSection, "diloco": DilocoSection, "eval": EvalSection, "checkpoint": CheckpointSection,
+    "parallel": ParallelSection, "diloco": DilocoSection, "elastic": ElasticSection, "eval": EvalSection,
+    "checkpoint": CheckpointSection,
     "c4": C4Section, "fault": FaultSection, "kernels": KernelsSection, "metrics": MetricsSection,
 }
 
@@ -187,6 +204,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     diloco: DilocoSection = field(default_factory=DilocoSection)
+    elastic: ElasticSection = field(default_factory=ElasticSection)
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     c4: C4Section = field(default_factory=C4Section)
@@ -196,7 +214,9 @@ class Config:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.run.dir) / self.run.name
+        """<dir>/<name>, and for a replica of an elastic job <dir>/<name>/replica-<id>."""
+        base = Path(self.run.dir) / self.run.name
+        return base / f"replica-{self.elastic.replica_id}" if self.elastic.lighthouse else base
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -348,5 +368,21 @@ def _validate(cfg: Config) -> None:
             parse_specs(cfg.fault.inject)
         except InjectError as e:
             raise ConfigError(f"fault.inject: {e}") from None
+    e = cfg.elastic
+    if e.lighthouse:
+        if not cfg.diloco.enabled:
+            raise ConfigError("elastic.lighthouse is set but diloco.enabled = false: elastic membership is for DiLoCo "
+                              "replicas; set diloco.enabled = true, or clear elastic.lighthouse")
+        if cfg.diloco.replicas != 1:
+            raise ConfigError(f"diloco.replicas = {cfg.diloco.replicas} with elastic.lighthouse: each elastic replica is "
+                              "its own job (dist-train local --replicas R starts R of them); set diloco.replicas = 1")
+        if cfg.diloco.fragments != 1 or cfg.diloco.overlap:
+            raise ConfigError("elastic replicas sync whole (diloco.fragments = 1, diloco.overlap = false); streaming "
+                              "fragments are for fixed replicas")
+        if not e.replica_id or "/" in e.replica_id:
+            raise ConfigError(f"elastic.replica_id = {e.replica_id!r}: each replica needs a plain name, e.g. "
+                              "--set elastic.replica_id=a")
+        if ":" not in e.lighthouse.split("//")[-1]:
+            raise ConfigError(f"elastic.lighthouse = {e.lighthouse!r}: expected HOST:PORT, e.g. 127.0.0.1:29510")
     if not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", ".."):
         raise ConfigError(f"run.name = {cfg.run.name!r}: must be a plain folder name, e.g. 'tiny-1'")

@@ -77,7 +77,7 @@ def check_layout(cfg: Config, world_size: int, local_world_size: int | None = No
     t = cfg.train
     split = dims.batch_ranks * t.micro_batch
     if t.global_batch % split:
-        replicas = f"diloco.replicas x " if dims.diloco > 1 else ""
+        replicas = "diloco.replicas x " if dims.diloco > 1 else ""
         raise ConfigError(
             f"train.global_batch = {t.global_batch} must be divisible by {replicas}dp x micro_batch = "
             f"{dims.batch_ranks} x {t.micro_batch} = {split} "

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import time
+import zlib
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import torch.distributed as dist
 from dist_train import kernels
 from dist_train.data import BackgroundVerifier, DataError, DistributedBatchSampler, TokenDataset, ensure_prepared
 from dist_train.fault.collectives import get_recorder, name_mesh_groups
+from dist_train.fault.membership import MembershipLost
 from dist_train.parallel.clip import clip_grad_norm_
 from dist_train.parallel.data_parallel import set_gradient_sync
 from dist_train.parallel.dims import MESH_DIMS
@@ -30,9 +33,9 @@ from dist_train.parallel.tensor_parallel import reduce_partial_grads
 from . import moe
 from .c4 import start_monitor
 from .checkpoint import Checkpointer
-from .config import Config
+from .config import Config, ConfigError
 from .distributed import RankEnv, init_distributed, pick_device
-from .failures import peer_lost
+from .failures import PeerLost, peer_lost
 from .layout import preflight
 from .metrics import GatheredStats, MetricsLog, MetricsWriter, StepStats, peak_memory_bytes
 from .model import ModelArgs, count_params
@@ -105,9 +108,12 @@ class Trainer:
         n_shards = len(self.dataset.shards.paths)
         self.verifier = (BackgroundVerifier(self.dataset.shards, range(self.rank, n_shards, self.env.world_size))
                          if cfg.data.verify == "background" else None)
+        # an elastic replica draws its own sequence of the data (replicas come and go)
+        seed = cfg.run.seed if not cfg.elastic.lighthouse else (cfg.run.seed * 1_000_003 + zlib.crc32(
+            cfg.elastic.replica_id.encode())) % 2**31
         self.sampler = DistributedBatchSampler(
             self.n_train, global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch,
-            dp_size=self.batch_mesh.size(), dp_rank=self.batch_mesh.get_local_rank(), seed=cfg.run.seed)
+            dp_size=self.batch_mesh.size(), dp_rank=self.batch_mesh.get_local_rank(), seed=seed)
         self._setup_model()
         self.outer = self._setup_outer() if cfg.diloco.enabled else None
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, log=self.log)
@@ -157,11 +163,55 @@ class Trainer:
         """DiLoCo's outer loop over this rank's parameters; its replica group links the
         ranks holding the same shard in every replica (the mesh's diloco dim)."""
         d = self.cfg.diloco
-        comm = MeshReplicaComm(self.mesh["diloco"].get_group(), self.dims.replica_mesh(self.mesh).get_group())
+        inner = self.dims.replica_mesh(self.mesh).get_group()
+        if self.cfg.elastic.lighthouse:
+            comm = self._elastic_comm(inner)
+        else:
+            comm = MeshReplicaComm(self.mesh["diloco"].get_group(), inner)
         return OuterLoop(diloco_fragments(self.model, self.args.n_layers, d.fragments), comm,
                          inner_steps=d.inner_steps, outer_lr=d.outer_lr, momentum=d.outer_momentum,
                          quantize=d.quantize, overlap=d.overlap, mix=d.mix, offload=d.offload,
                          reject_factor=d.reject_factor, deferred=self.recorder.deferred, tamper=self._bad_update())
+
+    def _elastic_comm(self, inner):
+        """The outer loop's traffic over a changing set of replica jobs (parallel/elastic.py):
+        rank 0 hosts this replica's store for torchft's manager (a new one per attempt, so
+        a restarted job never meets the last attempt's keys)."""
+        from dist_train.fault.membership import Membership
+        from dist_train.parallel.elastic import ElasticReplicaComm
+
+        e = self.cfg.elastic
+        host = os.environ.get("MASTER_ADDR", "127.0.0.1")  # this job's first host: the other replicas reach it
+        self._ft_store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False) if self.rank == 0 else None
+        box = [self._ft_store.port if self.rank == 0 else None]
+        with self.recorder.paused():
+            dist.broadcast_object_list(box, src=0)
+        membership = Membership(e.lighthouse, e.replica_id, self.rank, self.env.world_size, store_host=host,
+                                store_port=box[0], min_replicas=e.min_replicas, quorum_timeout_s=e.quorum_timeout_s,
+                                timeout_s=e.timeout_s, heartbeat_s=e.heartbeat_s, hostname=host)
+        self._membership = membership
+        from dist_train.fault.inject import parse_specs
+
+        slow = [i.ms / 1e3 for i in parse_specs(self.cfg.fault.inject) if i.kind == "slow_exchange"]
+        return ElasticReplicaComm(membership, inner, e.replica_id, recorder=self.recorder, log=self.log,
+                                  delay_s=sum(slow))
+
+    def _join(self, start: int) -> int:
+        """An elastic replica takes part in the live replicas' next round before its first
+        step; if it was behind it healed from one of them and continues from their step
+        (its own data sequence moved there, its inner optimizer state fresh)."""
+        stats = self.outer.join(start)
+        if stats.healed_step is None:
+            return start
+        step = stats.healed_step
+        self.sampler.seek(step)
+        sd = self.scheduler.state_dict()
+        self.scheduler.load_state_dict({**sd, "last_epoch": step, "_step_count": step + 1})
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
+            group["lr"] = lr
+        self.optimizer.state.clear()
+        self.healed = (step, stats.healed_from)
+        return step
 
     def _bad_update(self):
         """A `bad_update` drill fault for this rank (fault/inject.py), as the outer loop's tamper."""
@@ -243,16 +293,19 @@ class Trainer:
             loss_sum += loss.detach().float()
         return loss_sum
 
-    def _pipeline_step(self, micro_batches) -> torch.Tensor:
+    def _pipeline_step(self, micro_batches, train: bool = True) -> torch.Tensor:
         """The schedule splits this rank's batch back into the same micro-batches; it scales
-        gradients by 1 / micro-batches itself."""
+        gradients by 1 / micro-batches itself (`train=False`: forward only, an evaluation)."""
         inputs = torch.cat([x for x, _ in micro_batches]).to(self.device)
         targets = torch.cat([y for _, y in micro_batches]).to(self.device)
         losses: list[torch.Tensor] = []
         args = (inputs,) if self.par.first else ()
         kwargs = dict(target=targets, losses=losses) if self.par.last else {}
         with self.autocast:
-            self.par.schedule.step(*args, return_outputs=False, **kwargs)
+            if train:
+                self.par.schedule.step(*args, return_outputs=False, **kwargs)
+            else:
+                self.par.schedule.eval(*args, **kwargs)
         if not self.par.last:
             return torch.full((), float("nan"), device=self.device)
         return torch.stack([l.detach().float() for l in losses]).mean()
@@ -311,10 +364,13 @@ class Trainer:
         if not bool(g.column("eval_loss").isnan().all()):  # evaluated this step (the last stages hold it)
             record["eval_loss"] = float(g.column("eval_loss").nanmean())
         if local["outer"] is not None:
-            record.update(self._outer_record(local["outer"]))
+            record.update(self._outer_record(local["outer"], step))
+            if local["healed"]:
+                record["healed_from"] = local["healed"][1]
             if local["outer"].applied:  # the same shard (rank modulo a replica's ranks) agrees in every replica
                 digests = g.column("diloco_digest").view(self.dims.diloco, -1)
                 record["replicas_agree"] = bool((digests == digests[0]).all())
+                record["outer_digest"] = [int(x) for x in digests[0].tolist()]  # this replica's, per rank
         if self.args.moe_experts:
             micro_batches = self.sampler.global_batch // self.sampler.micro_batch  # over all dp ranks
             record["moe"] = moe.stats_record(g, self.args.moe_layer_ids(), self.args.moe_experts, micro_batches)
@@ -325,14 +381,33 @@ class Trainer:
             record["c4_findings"] = local["c4_findings"]
         return record
 
-    def _outer_record(self, o) -> dict:
+    def _outer_record(self, o, step: int) -> dict:
         """DiLoCo's part of a record (every rank decides the same, so this rank's says it)."""
         rejected = [{"replica": r.replica, "fragment": r.fragment, "norm": r.norm, "why": r.why} for r in o.rejected]
         for r in o.rejected:
             self.log(f"DiLoCo: step {r.step}: rejected replica {r.replica}'s pseudo-gradient (fragment {r.fragment}): "
                      f"{r.why}; the outer step goes on with the others")
+        for why in o.retries:
+            self.log(f"DiLoCo: step {step}: a replica left during the outer step ({why}); ran it again "
+                     "on the next quorum with the same pseudo-gradients")
         return {"outer_step": o.outer_step, "replicas": o.replicas, "synced_fragments": o.synced,
-                "applied_fragments": o.applied, "rejected": rejected}
+                "applied_fragments": o.applied, "rejected": rejected, "retries": o.retries}
+
+    def _check_quorum_timeout(self, outer, step_time: float) -> None:
+        """An elastic replica waits for its peers at every outer step for up to
+        elastic.quorum_timeout_s; peers can arrive up to a round apart, so it must exceed
+        H x the step time."""
+        if outer is None or not self.cfg.elastic.lighthouse:
+            return
+        self._step_times = (getattr(self, "_step_times", []) + [step_time])[-20:]
+        if not outer.synced or len(self._step_times) < 5:
+            return
+        need = self.cfg.diloco.inner_steps * sorted(self._step_times)[len(self._step_times) // 2]
+        if self.cfg.elastic.quorum_timeout_s <= need:
+            raise ConfigError(f"elastic.quorum_timeout_s = {self.cfg.elastic.quorum_timeout_s:g} must exceed H x the "
+                              f"step time = {self.cfg.diloco.inner_steps} x {need / self.cfg.diloco.inner_steps:.2f} s "
+                              f"= {need:.1f} s (peers reach the outer step up to a round apart); set it to at least "
+                              f"{2 * need:.0f}")
 
     def eval_due(self, step: int) -> bool:
         every = self.cfg.eval.every
@@ -341,15 +416,16 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over this rank's share of the held-out split (NaN on ranks without the
-        last pipeline stage); under DiLoCo on the global parameters. Its collectives are
-        not a step's (paused), and the MoE layers forget what it routed."""
-        if self.outer:
+        last pipeline stage); under DiLoCo on the global parameters (`eval.params`). Its
+        collectives are not a step's (paused), and the MoE layers forget what it routed."""
+        swap = self.outer is not None and self.cfg.eval.params == "global"
+        if swap:
             self.outer.swap()
         try:
             with self.recorder.paused():
                 losses = [self._eval_batch(b) for b in range(self.cfg.eval.batches)]
         finally:
-            if self.outer:
+            if swap:
                 self.outer.swap()
         _reshard(self.par.parts)
         moe.reset_stats(self.par.parts)
@@ -363,19 +439,10 @@ class Trainer:
         per = gb // self.batch_mesh.size()
         first = self.n_train + b * gb + self.batch_mesh.get_local_rank() * per
         micro = [self.dataset.batch(list(range(i, i + mb))) for i in range(first, first + per, mb)]
-        if self.par.schedule is None:
-            with self.autocast:
-                return torch.stack([self.model(x.to(self.device), y.to(self.device)).float() for x, y in micro]).mean()
-        inputs = torch.cat([x for x, _ in micro]).to(self.device)
-        targets = torch.cat([y for _, y in micro]).to(self.device)
-        losses: list[torch.Tensor] = []
-        args = (inputs,) if self.par.first else ()
-        kwargs = dict(target=targets, losses=losses) if self.par.last else {}
+        if self.par.schedule is not None:
+            return self._pipeline_step(micro, train=False)
         with self.autocast:
-            self.par.schedule.eval(*args, **kwargs)
-        if not self.par.last:
-            return torch.full((), float("nan"), device=self.device)
-        return torch.stack([l.detach().float() for l in losses]).mean()
+            return torch.stack([self.model(x.to(self.device), y.to(self.device)).float() for x, y in micro]).mean()
 
     def _idle_s(self, step_time: float) -> float:
         """Seconds of this step spent blocked in pipeline receives (the bubble), from the
@@ -402,6 +469,9 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------
     def fit(self) -> Path:
         start = self.resume()
+        self.healed = None
+        if self.cfg.elastic.lighthouse:
+            start = self._join(start)
         self.recorder.reset_step_counts()  # start-up collectives are no step's
         c4 = start_monitor(self.cfg, self.env, self.recorder, self.device, self.log)
         with contextlib.closing(c4), self.metrics_log(start) as metrics:
@@ -416,7 +486,9 @@ class Trainer:
                 eval_loss = self.evaluate() if self.eval_due(step) else float("nan")
                 metrics.submit(step, self.step_stats(loss, step_time, eval_loss), self.recorder.background,
                                lr=self.scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
-                               c4_findings=c4.findings_count, outer=outer)
+                               c4_findings=c4.findings_count, outer=outer,
+                               healed=self.healed if step == start + 1 else None)
+                self._check_quorum_timeout(outer, step_time)
                 c4.step_end(step, time.perf_counter() - t0)
                 if self.checkpoint_due(step):
                     metrics.flush()  # metrics.jsonl holds every step a checkpoint holds
@@ -424,6 +496,8 @@ class Trainer:
         return self.run_dir
 
     def close(self) -> None:
+        if getattr(self, "_membership", None) is not None:
+            self._membership.close()
         if self.owns_process_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -459,6 +533,9 @@ def train(cfgs: list[Config]) -> list[Path]:
                 trainer = Trainer(cfg)
                 trainers.append(trainer)
                 run_dir = trainer.fit()
+            except MembershipLost as e:
+                raise PeerLost(f"replica {cfg.elastic.replica_id}: {e}; this replica stops, its latest checkpoint "
+                               "intact; restart the lighthouse and the replicas to resume") from None
             except Exception as e:
                 rank = dist.get_rank() if dist.is_initialized() else 0
                 lost = peer_lost(e, get_recorder(), cfg.run_dir, rank)

@@ -21,6 +21,8 @@ Spec strings (`[fault] inject = [...]`, `dist-train drill --fault`):
                                         picks the moments)
   jitter:pct=P[,seed=K][,step=S]        every rank enters its first collective of each step
                                         U(0, P%) of the recent step time late (noise, no fault)
+  slow_exchange:ms=M                    elastic DiLoCo: every cross-replica op of this replica's
+                                        outer step starts M ms late (a slow wide-area link)
   bad_update:rank=R,step=S[,scale=X]    DiLoCo: R's replica sends its pseudo-gradient of the first
                                         outer step at or after step S times X (default 1e6;
                                         scale=nan: not finite), as a faulty or hostile replica
@@ -59,13 +61,14 @@ _FIELDS: dict[str, dict[str, tuple]] = {
                 "seed": (int, False, 0)},
     "jitter": {"pct": (float, False, 20.0), "seed": (int, False, 0), "step": (int, False, 1)},
     "bad_update": {"rank": (int, True, None), "step": (int, True, None), "scale": (float, False, 1e6)},
+    "slow_exchange": {"ms": (float, True, None)},
 }
 KINDS = tuple(_FIELDS)
 ONE_SHOT = ("hang", "crash", "sigstop")
 _EXAMPLE = {"delay": "delay:rank=1,ms=50", "hang": "hang:rank=2,step=5", "slow_link": "slow_link:ranks=1-2,ms=80",
             "slow_compute": "slow_compute:rank=3,factor=2", "crash": "crash:rank=1,step=4",
             "sigstop": "sigstop:rank=2,step=5", "jitter": "jitter:pct=20",
-            "bad_update": "bad_update:rank=2,step=10,scale=1e6"}
+            "bad_update": "bad_update:rank=2,step=10,scale=1e6", "slow_exchange": "slow_exchange:ms=200"}
 
 
 @dataclass(frozen=True)
@@ -189,14 +192,15 @@ class FaultInjector:
         self._last_issue = None  # monotonic s when the previous collective was issued
         self._step_times: list[float] = []
         self._jitter_s = 0.0
-        self.injections = [i for i in injections if self._mine(i) and i.kind not in ("sigstop", "bad_update")]
+        self.injections = [i for i in injections if self._mine(i)
+                           and i.kind not in ("sigstop", "bad_update", "slow_exchange")]
         self._rng = random.Random()
         for i in self.injections:
             if i.kind == "jitter":
                 self._rng.seed(i.seed * 100003 + rank)
 
     def _mine(self, inj: Injection) -> bool:
-        return inj.kind in ("jitter", "slow_link") or inj.rank == self.rank
+        return inj.kind in ("jitter", "slow_link", "slow_exchange") or inj.rank == self.rank
 
     def __bool__(self) -> bool:
         return bool(self.injections)

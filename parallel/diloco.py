@@ -69,8 +69,12 @@ class Exchange(Protocol):
 
 class ReplicaComm(Protocol):
     """The outer loop's cross-replica traffic. `MeshReplicaComm` is the fixed set of
-    replicas of one job (the `diloco` mesh dim); the elastic version implements it again
-    over a membership that changes."""
+    replicas of one job (the `diloco` mesh dim); `ElasticReplicaComm` (parallel/elastic.py)
+    implements it again over a membership that changes. A round: `begin_round` (who takes
+    part; heal those behind), `replica_norms`, `average`, then `agree` (every rank of this
+    replica saw the round succeed; else all retry it, on the failures in `RETRY`)."""
+
+    RETRY: tuple  # exception types that mean "a member left: run the round again"
 
     @property
     def size(self) -> int: ...  # replicas taking part
@@ -78,51 +82,97 @@ class ReplicaComm(Protocol):
     @property
     def index(self) -> int: ...  # this replica's position among them
 
+    def begin_round(self, outer: "OuterLoop", step: int) -> list[float]: ...  # every replica's weight factor
+
+    def agree(self, ok: bool) -> bool: ...
+
+    def round_done(self) -> None: ...
+
     def replica_norms(self, local_sq: float) -> list[float]: ...
 
     def average(self, flat: torch.Tensor, weight: float, total_weight: float, quantize: str,
                 deferred: Callable | None = None) -> Exchange: ...
 
 
-class MeshReplicaComm:
-    """Replicas of one job: `replica_group` links the ranks holding the same shard in every
-    replica (the mesh's `diloco` dim); `inner_group` is this rank's replica (to sum the
-    norms of its shards)."""
+class GroupOps:
+    """The collectives an exchange needs, on a torch.distributed group (the mesh's)."""
 
-    def __init__(self, replica_group, inner_group):
-        self.replica_group, self.inner_group = replica_group, inner_group
+    def __init__(self, group):
+        self.group = group
 
     @property
     def size(self) -> int:
-        return dist.get_world_size(self.replica_group)
+        return dist.get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor):
+        return dist.all_to_all_single(out, inp, group=self.group, async_op=True)
+
+    def all_gather(self, out: torch.Tensor, inp: torch.Tensor):
+        return dist.all_gather_single(out, inp, group=self.group, async_op=True)
+
+
+class MeshReplicaComm:
+    """Replicas of one job: `replica_group` links the ranks holding the same shard in every
+    replica (the mesh's `diloco` dim); `inner_group` is this rank's replica (to sum the
+    norms of its shards). Members never change, so nothing is retried."""
+
+    RETRY: tuple = ()  # failures worth a new round: none (a lost rank ends the job)
+    joining = False
+
+    def __init__(self, replica_group, inner_group):
+        self.ops, self.inner_group = GroupOps(replica_group), inner_group
+
+    @property
+    def size(self) -> int:
+        return self.ops.size
 
     @property
     def index(self) -> int:
-        return dist.get_rank(self.replica_group)
+        return self.ops.rank
+
+    def begin_round(self, outer: "OuterLoop", step: int) -> list[float]:
+        """Before an outer step's exchange; every replica's weight factor (all 1 here)."""
+        return [1.0] * self.size
+
+    def agree(self, ok: bool) -> bool:
+        return ok
+
+    def round_done(self) -> None:
+        pass
 
     def replica_norms(self, local_sq: float) -> list[float]:
-        sq = torch.tensor([local_sq], dtype=torch.float64)
-        if dist.get_world_size(self.inner_group) > 1:
-            dist.all_reduce(sq, group=self.inner_group)
-        out = [torch.empty_like(sq) for _ in range(self.size)]
-        dist.all_gather(out, sq, group=self.replica_group)
-        return [float(t.sqrt()) for t in out]
+        return replica_norms(self.ops, self.inner_group, local_sq)
 
     def average(self, flat: torch.Tensor, weight: float, total_weight: float, quantize: str,
                 deferred: Callable | None = None) -> "TwoPhaseAverage":
-        return TwoPhaseAverage(flat, weight, total_weight, quantize, self.replica_group, deferred)
+        return TwoPhaseAverage(flat, weight, total_weight, quantize, self.ops, deferred)
+
+
+def replica_norms(ops, inner_group, local_sq: float) -> list[float]:
+    """Each replica's pseudo-gradient norm: this rank's squared norm summed over its
+    replica, then gathered over the replicas."""
+    sq = torch.tensor([local_sq], dtype=torch.float64)
+    if inner_group is not None and dist.get_world_size(inner_group) > 1:
+        dist.all_reduce(sq, group=inner_group)
+    out = torch.empty(ops.size, dtype=torch.float64)
+    ops.all_gather(out, sq).wait()
+    return [float(x.sqrt()) for x in out]
 
 
 class TwoPhaseAverage:
-    """sum_r weight_r x flat_r / total_weight over the group, as all_to_all + fp32 sum +
-    all_gather (module docstring). Phase 0: payload issued; 1: chunks summed, averaged
-    chunk issued; 2: done."""
+    """sum_r weight_r x flat_r / total_weight over the replicas, as all_to_all + fp32 sum +
+    all_gather (module docstring) through `ops`. Phase 0: payload issued; 1: chunks
+    summed, averaged chunk issued; 2: done."""
 
-    def __init__(self, flat: torch.Tensor, weight: float, total_weight: float, quantize: str, group,
+    def __init__(self, flat: torch.Tensor, weight: float, total_weight: float, quantize: str, ops,
                  deferred: Callable | None = None):
         if quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
-        self.n, self.quantize, self.group, self.total = dist.get_world_size(group), quantize, group, total_weight
+        self.n, self.quantize, self.ops, self.total = ops.size, quantize, ops, total_weight
         self.numel = flat.numel()
         self.deferred = deferred  # the recorder's context for ops waited later (C4 ignores them until then)
         self.done, self.result = False, None
@@ -163,8 +213,7 @@ class TwoPhaseAverage:
         self._send = self._encode(padded)
         self._recv = [torch.empty_like(t) for t in self._send]
         with self._ctx():
-            return [dist.all_to_all_single(r, s, group=self.group, async_op=True)
-                    for r, s in zip(self._recv, self._send)]
+            return [self.ops.all_to_all(r, s) for r, s in zip(self._recv, self._send)]
 
     def advance(self) -> None:
         if self.done:
@@ -181,8 +230,7 @@ class TwoPhaseAverage:
             send = self._encode(mine)
             self._gathered = [torch.empty(self.n * t.numel(), dtype=t.dtype, device=t.device) for t in send]
             with self._ctx():
-                self._works = [dist.all_gather_single(g, s, group=self.group, async_op=True)
-                               for g, s in zip(self._gathered, send)]
+                self._works = [self.ops.all_gather(g, s) for g, s in zip(self._gathered, send)]
             self.phase = 1
         else:
             self.result = self._decode(self._gathered)[:self.numel]
@@ -223,6 +271,24 @@ class OuterStats:
     applied: list[int] = field(default_factory=list)     # fragments whose outer update was applied
     rejected: list[Rejection] = field(default_factory=list)
     replicas: int = 1
+    retries: list[str] = field(default_factory=list)     # rounds run again because a member left, and why
+    healed_from: str | None = None                       # a joiner's source replica, on the step it healed
+    healed_step: int | None = None
+
+
+class _Done:
+    """An exchange already finished (the result is in hand)."""
+
+    done = True
+
+    def __init__(self, result: torch.Tensor):
+        self.result = result
+
+    def advance(self) -> None:
+        pass
+
+    def wait(self) -> torch.Tensor:
+        return self.result
 
 
 class OuterLoop:
@@ -251,6 +317,7 @@ class OuterLoop:
         self.applied_updates = 0  # fragment updates applied; outer_step = this // F
         self.in_flight: list[_InFlight] = []
         self.stats = OuterStats(replicas=comm.size)
+        self.weight_factor = 1.0  # 0 for a replica that has not trained a whole round since it healed
 
     def _store(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(device=self.where or t.device, dtype=torch.float32, copy=True)
@@ -293,34 +360,65 @@ class OuterLoop:
             flat = torch.cat([d.reshape(-1) for d in deltas]) if deltas else torch.zeros(0)
         if self.tamper is not None:
             flat = self.tamper(step, flat)
-        weight, total = self._weights(f, step, float(flat.double().square().sum()) if deltas else 0.0)
+        local_sq = float(flat.double().square().sum()) if deltas else 0.0
         self.stats.synced.append(f)
-        if total == 0:  # every replica rejected: back to the global parameters, no outer step
+        while True:  # a round: run again, on the same pseudo-gradients, while members leave during it
+            ok, result = False, None
+            try:
+                factors = self.comm.begin_round(self, step)
+                weight, total, accepted, rejected = self._weights(f, step, self.comm.replica_norms(local_sq), factors)
+                if total:
+                    exchange = self.comm.average(flat, weight, total, self.quantize, self.deferred)
+                    result = exchange if self.overlap else exchange.wait()
+                ok = True
+            except self.comm.RETRY as e:
+                self.stats.retries.append(f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            if self.comm.agree(ok):
+                break
+        self.comm.round_done()
+        self.stats.replicas = self.comm.size
+        self.stats.rejected += rejected
+        self.history[f] = (self.history[f] + accepted)[-HISTORY:]
+        if not total:  # every replica rejected: back to the global parameters, no outer step
             self._adopt(names, mix=0.0)
             return
         job = _InFlight(f, step, step + (2 if self.overlap else 0))
-        job.exchange = self.comm.average(flat, weight, total, self.quantize, self.deferred)
-        if not self.overlap:
-            self._finish(job)
-        else:
+        if self.overlap:
+            job.exchange = result
             self.in_flight.append(job)
+        else:
+            job.exchange = _Done(result)
+            self._finish(job)
 
-    def _weights(self, f: int, step: int, local_sq: float) -> tuple[float, float]:
-        """(this replica's weight, the sum of all weights) after the sanity checks."""
-        norms = self.comm.replica_norms(local_sq)
+    def _weights(self, f: int, step: int, norms: list[float], factors: list[float]) -> tuple[float, float, list, list]:
+        """(this replica's weight, the sum of all weights, the accepted norms, the
+        rejections) from every replica's pseudo-gradient norm; `factors[r]` is 0 for a
+        replica that has not trained a whole round from the state it healed to."""
         hist = self.history[f]
         median = statistics.median(hist) if len(hist) >= 3 else None
-        accepted = []
+        accepted, rejected = [], []
         for r, norm in enumerate(norms):
+            if not factors[r]:
+                continue
             if norm != norm or norm in (float("inf"), float("-inf")):
-                self.stats.rejected.append(Rejection(step, f, r, norm, "not finite"))
+                rejected.append(Rejection(step, f, r, norm, "not finite"))
             elif self.reject_factor and median is not None and norm > self.reject_factor * median:
-                self.stats.rejected.append(Rejection(step, f, r, norm, f"norm {norm:.4g} > {self.reject_factor:g} x "
-                                                                       f"the running median {median:.4g}"))
+                rejected.append(Rejection(step, f, r, norm, f"norm {norm:.4g} > {self.reject_factor:g} x the running "
+                                                            f"median {median:.4g}"))
             else:
                 accepted.append(r)
-        self.history[f] = (hist + [norms[r] for r in accepted])[-HISTORY:]
-        return (1.0 if self.comm.index in accepted else 0.0), float(len(accepted))
+        weight = factors[self.comm.index] if self.comm.index in accepted else 0.0
+        return weight, float(sum(factors[r] for r in accepted)), [norms[r] for r in accepted], rejected
+
+    def join(self, step: int) -> OuterStats:
+        """Take part in the live replicas' next round before this replica's first step
+        (elastic membership): it heals if behind, and contributes nothing this round."""
+        self.stats = OuterStats(replicas=self.comm.size)
+        self.comm.joining = True
+        for f in range(len(self.fragments)):
+            self._start(f, step)
+        self.stats.outer_step = self.outer_step
+        return self.stats
 
     def _finish(self, job: _InFlight) -> None:
         if job.result is None:
@@ -361,6 +459,27 @@ class OuterLoop:
         for job in self.in_flight:
             if job.result is None:
                 self._unflatten(job)
+
+    # ---- healing a replica that is behind (the elastic ReplicaComm moves these) --------------
+    def heal_tensors(self) -> list[torch.Tensor]:
+        """The outer state a joiner takes from a live replica, in a fixed order: every
+        global parameter shard, then every momentum shard."""
+        return [*self.global_.values(), *self.momentum.values()]
+
+    def heal_meta(self, step: int) -> dict:
+        return {"applied_updates": self.applied_updates, "history": self.history, "step": step}
+
+    def receive_heal(self, tensors: list[torch.Tensor], meta: dict, source: str) -> None:
+        """Take a live replica's outer state (tensors as `heal_tensors` orders them) and start
+        from its global parameters."""
+        with torch.no_grad():
+            for dst, src in zip(self.heal_tensors(), tensors):
+                dst.copy_(src)
+        self.applied_updates = int(meta["applied_updates"])
+        self.history = [list(h) for h in meta["history"]]
+        self.in_flight = []
+        self._adopt(list(self.params), mix=0.0)
+        self.stats.healed_from, self.stats.healed_step = source, int(meta["step"])
 
     # ---- evaluation on the global parameters -------------------------------------------------
     def swap(self) -> None:

@@ -69,6 +69,30 @@ def assert_params_match(got: dict, ref: dict, init: dict, steps: int, n: int, wh
                               f"(the reference moved it by {moved:.3e} from its initial value)")
 
 
+def metric(run_dir: Path, key, steps: int) -> list:
+    """A metric of the first `steps` records of a run; `key` a field name or a function of the record."""
+    import json
+
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [key(r) if callable(key) else r[key] for r in records][:steps]
+
+
+LOSS_AND_NORM = (("loss", "loss", C_VALUE), ("grad_norm", "grad_norm", C_GRAD))
+
+
+def assert_run_matches(run_dir: Path, ref_dir: Path, steps: int, n: int, values=LOSS_AND_NORM) -> dict:
+    """A layout's run against its reference run: every step's `values` ((what, key, c)
+    triples; losses and gradient norms by default), and the parameters at `steps`. Returns
+    the reference's parameters."""
+    name = Path(run_dir).name
+    for what, key, c in values:
+        assert_values_match(metric(run_dir, key, steps), metric(ref_dir, key, steps), n, f"{name} {what}", c=c)
+    ckpt = f"checkpoints/step-{steps:06d}"
+    want = load_params(Path(ref_dir) / ckpt)
+    assert_params_match(load_params(Path(run_dir) / ckpt), want, initial_params(ref_dir), steps, n, name)
+    return want
+
+
 def load_params(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     """The model parameters of a DCP checkpoint, as full tensors, without a process group."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import pytest
 
+import torch
+
 from tests.conftest import read_metrics, sweep
-from tests.equivalence import assert_values_match
+from tests.equivalence import SGD, assert_params_match, assert_values_match, initial_params, read_config
 
 TOKENS = 16 * 128
 ONE = {"diloco.enabled": "true", "diloco.replicas": 1, "diloco.inner_steps": 1, "diloco.outer_lr": 1.0,
@@ -42,6 +44,7 @@ REPLICAS = {  # 4 ranks: name -> overrides
     "moved": {**TWO, "train.steps": 6, "checkpoint.every": 6},
     "moved ": {**TWO, "run.name": "moved", "parallel.tp": 2, "parallel.dp_shard": 1},
 }
+REPLICAS["sgd"] = {**TWO, **SGD, "checkpoint.every": 8}  # against the single-process loop below
 STREAM = REPLICAS["stream"]
 REPLICAS["stream_again"] = {**STREAM, "train.steps": 5, "checkpoint.every": 5}
 REPLICAS["stream_again "] = {**STREAM, "run.name": "stream_again", "checkpoint.every": 5}
@@ -54,7 +57,7 @@ def root(tmp_path_factory):
     for name, sets in INNER.items():
         runs[f"plain_{name}"] = sets
         runs[f"one_{name}"] = {**sets, **ONE}
-    sweep(root, 2, runs, {"train.steps": 6, "checkpoint.every": 0})
+    sweep(root, 2, runs, {"train.steps": 6, "checkpoint.every": 0, "eval.every": 3})
     sweep(root, 4, REPLICAS, {"train.steps": 8, "checkpoint.every": 0})
     return root
 
@@ -68,8 +71,11 @@ def test_one_replica_h1_is_the_plain_trainer(root, inner):
     """H = 1, outer lr 1, no momentum: each outer step sets the global parameters to the
     local ones, so the losses are the plain trainer's (within 1e-6: global - (global -
     local) rounds once per step)."""
-    plain, one = column(root / f"plain_{inner}", "loss"), column(root / f"one_{inner}", "loss")
-    assert len(one) == 6 and all(abs(a - b) <= 1e-6 for a, b in zip(one, plain)), (one, plain)
+    for key in ("loss", "eval_loss"):  # eval (held-out split, every 3 steps) on the global parameters
+        plain, one = column(root / f"plain_{inner}", key), column(root / f"one_{inner}", key)
+        assert len(one) == 6 and all((a is None) == (b is None) for a, b in zip(one, plain)), (key, one, plain)
+        assert all(abs(a - b) <= 1e-6 for a, b in zip(one, plain) if a is not None), (key, one, plain)
+    assert [e is not None for e in column(root / f"one_{inner}", "eval_loss")] == [False, False, True] * 2
     assert column(root / f"one_{inner}", "outer_step") == list(range(1, 7))
 
 
@@ -135,3 +141,75 @@ def test_resume_under_another_inner_layout(root):
     """dp_shard = 2 replicas resumed as tp = 2 replicas: the outer state reshards like the
     model; losses within float tolerance of the uninterrupted run."""
     assert_values_match(column(root / "moved", "loss"), column(root / "fp32", "loss"), TOKENS, "resumed as tp=2")
+
+
+def diloco_reference(cfg, steps: int, replicas: int, ranks_per_replica: int):
+    """DiLoCo written directly against torch in one process: `replicas` models, each stepping
+    on the micro-batches its ranks would draw (the sampler split over replicas x ranks, the
+    ranks' mean losses averaged, as FSDP averages their gradients), plain SGD inside (the
+    trainer's LR schedule), and every H steps the mean pseudo-gradient and a Nesterov outer
+    step. Returns per-step mean losses and the final global parameters."""
+    import math
+
+    from dist_train.data import DistributedBatchSampler, TokenDataset, ensure_prepared
+    from dist_train.model import ModelArgs, Transformer, init_weights
+
+    t, d = cfg.train, cfg.diloco
+    data = TokenDataset(ensure_prepared("bundled", None, "byte"), cfg.data.seq_len)
+    models = []
+    for _ in range(replicas):
+        m = Transformer(ModelArgs.from_config(cfg.model, cfg.data.seq_len, data.vocab_size))
+        init_weights(m, cfg.run.seed)
+        models.append(m)
+    n = replicas * ranks_per_replica
+    samplers = [DistributedBatchSampler(len(data), global_batch=t.global_batch, micro_batch=t.micro_batch,
+                                        dp_size=n, dp_rank=k, seed=cfg.run.seed) for k in range(n)]
+    opts = [torch.optim.SGD([{"params": [p for p in m.parameters() if p.dim() >= 2], "weight_decay": t.weight_decay},
+                             {"params": [p for p in m.parameters() if p.dim() < 2], "weight_decay": 0.0}], lr=t.lr)
+            for m in models]
+    glob = [p.detach().clone() for p in models[0].parameters()]
+    mom = [torch.zeros_like(g) for g in glob]
+    losses = []
+    for step in range(steps):
+        factor = (step + 1) / t.warmup if step < t.warmup else t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (
+            1 + math.cos(math.pi * (step - t.warmup) / (t.steps - t.warmup)))
+        total = 0.0
+        for r, (m, opt) in enumerate(zip(models, opts)):
+            for group in opt.param_groups:
+                group["lr"] = t.lr * factor
+            for k in range(r * ranks_per_replica, (r + 1) * ranks_per_replica):
+                micro = samplers[k].next_step()
+                for idx in micro:
+                    loss = m(*data.batch(idx)) / (len(micro) * ranks_per_replica)
+                    loss.backward()
+                    total += loss.item() / replicas
+            opt.step()
+            opt.zero_grad()
+        losses.append(total)
+        if (step + 1) % d.inner_steps == 0:
+            with torch.no_grad():
+                for i, ps in enumerate(zip(*[m.parameters() for m in models])):
+                    delta = sum(glob[i] - p for p in ps) / replicas
+                    mom[i].mul_(d.outer_momentum).add_(delta)
+                    glob[i].sub_(delta + d.outer_momentum * mom[i], alpha=d.outer_lr)
+                    for p in ps:
+                        p.copy_(glob[i])
+    names = [k for k, _ in models[0].named_parameters()]
+    return losses, dict(zip(names, glob))
+
+
+def test_two_replicas_equal_a_single_process_diloco_loop(root):
+    """The backbone check for DiLoCo: 2 replicas x dp_shard = 2 through real gloo ranks give
+    the losses of every step and the final global parameters of the same loop written
+    plainly in one process (SGD inside, so parameters carry rounding linearly)."""
+    cfg = read_config(root / "sgd")
+    want_losses, want_global = diloco_reference(cfg, 8, replicas=2, ranks_per_replica=2)
+    assert_values_match(column(root / "sgd", "loss"), want_losses, TOKENS, "2 replicas vs one process")
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    ckpt = root / "sgd" / "checkpoints" / "step-000008"
+    dcp_to_torch_save(ckpt, ckpt.parent / "all.pt")
+    saved = torch.load(ckpt.parent / "all.pt", weights_only=False)
+    assert {"replica0", "replica1", "diloco"} <= saved.keys()  # each replica's own model and optimizer, and the outer state
+    assert_params_match(saved["diloco"]["global"], want_global, initial_params(root / "sgd"), 8, TOKENS,
+                        "global parameters")

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from tests.conftest import read_metrics, run_cli, sweep, tiny_overrides
-from tests.equivalence import (C_GRAD, SGD, assert_params_match, assert_values_match, initial_params,
-                               load_params, read_config)
+from tests.equivalence import (C_GRAD, SGD, assert_params_match, assert_run_matches, assert_values_match,
+                               initial_params, load_params, read_config)
 
 STEPS = 10
 TOKENS = 16 * 128  # per step: global batch x seq_len of configs/tiny.toml
@@ -53,12 +53,7 @@ def grad_norms(run_dir):
 
 def assert_matches_reference(root, name, steps):
     """Losses and gradient norms of every step, and the parameters at `steps`."""
-    assert_values_match(losses(root / name), losses(root / "ref")[:steps], TOKENS, f"{name} loss")
-    assert_values_match(grad_norms(root / name), grad_norms(root / "ref")[:steps], TOKENS, f"{name} grad_norm",
-                        c=C_GRAD)
-    ckpt = f"checkpoints/step-{steps:06d}"
-    assert_params_match(load_params(root / name / ckpt), load_params(root / "ref" / ckpt),
-                        initial_params(root / "ref"), steps, TOKENS, name)
+    assert_run_matches(root / name, root / "ref", steps, TOKENS)
 
 
 def test_reference_loss_falls(runs):

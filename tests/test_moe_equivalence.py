@@ -18,7 +18,7 @@ import json
 import pytest
 
 from tests.conftest import read_metrics, sweep
-from tests.equivalence import C_GRAD, C_VALUE, SGD, assert_params_match, assert_values_match, initial_params, load_params
+from tests.equivalence import C_VALUE, LOSS_AND_NORM, SGD, assert_run_matches, metric
 
 STEPS = 3
 CONFIG = "configs/tiny-moe.toml"
@@ -57,10 +57,6 @@ def root(tmp_path_factory):
     return root
 
 
-def column(run_dir, key, n=STEPS):
-    return [key(r) if callable(key) else r[key] for r in read_metrics(run_dir)][:n]
-
-
 def reference(name: str) -> str:
     return "ref_shared" if name.endswith("_shared") else "ref"
 
@@ -69,16 +65,12 @@ def assert_matches_reference(root, name, steps):
     """Losses, aux losses and gradient norms of every step, the expert loads exactly, and
     the parameters at `steps` (tests/equivalence.py)."""
     ref = root / reference(name)
-    for what, key, c in (("loss", "loss", C_VALUE), ("grad_norm", "grad_norm", C_GRAD),
-                         ("aux_loss", lambda r: r["moe"]["aux_loss"], C_VALUE),
-                         ("z_loss", lambda r: r["moe"]["z_loss"], C_VALUE)):
-        assert_values_match(column(root / name, key, steps), column(ref, key, steps), TOKENS, f"{name} {what}", c=c)
-    assert column(root / name, lambda r: r["moe"]["load"], steps) == column(ref, lambda r: r["moe"]["load"], steps)
-    ckpt = f"checkpoints/step-{steps:06d}"
-    want = load_params(ref / ckpt)
+    values = LOSS_AND_NORM + (("aux_loss", lambda r: r["moe"]["aux_loss"], C_VALUE),
+                              ("z_loss", lambda r: r["moe"]["z_loss"], C_VALUE))
+    want = assert_run_matches(root / name, ref, steps, TOKENS, values)
+    assert metric(root / name, lambda r: r["moe"]["load"], steps) == metric(ref, lambda r: r["moe"]["load"], steps)
     assert "layers.0.feed_forward.experts.w1" in want and want["layers.0.feed_forward.experts.w1"].shape == (8, 64, 64)
     assert ("layers.0.feed_forward.shared_expert.w1.weight" in want) == name.endswith("_shared")
-    assert_params_match(load_params(root / name / ckpt), want, initial_params(ref), steps, TOKENS, name)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

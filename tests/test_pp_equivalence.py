@@ -15,7 +15,7 @@ import json
 import pytest
 
 from tests.conftest import read_metrics, sweep
-from tests.equivalence import C_GRAD, SGD, assert_params_match, assert_values_match, initial_params, load_params
+from tests.equivalence import SGD, assert_run_matches
 
 STEPS = 5
 TOKENS = 16 * 128  # per step: global batch x seq_len
@@ -58,18 +58,9 @@ def root(tmp_path_factory):
     return root
 
 
-def column(run_dir, key, n=STEPS):
-    return [r[key] for r in read_metrics(run_dir)][:n]
-
-
 def assert_matches_reference(root, name, steps):
-    assert_values_match(column(root / name, "loss", steps), column(root / "ref", "loss", steps), TOKENS,
-                        f"{name} loss")
-    assert_values_match(column(root / name, "grad_norm", steps), column(root / "ref", "grad_norm", steps), TOKENS,
-                        f"{name} grad_norm", c=C_GRAD)
-    ckpt = f"checkpoints/step-{steps:06d}"
-    assert_params_match(load_params(root / name / ckpt), load_params(root / "ref" / ckpt),
-                        initial_params(root / "ref"), steps, TOKENS, name)
+    """Losses and gradient norms of every step, and the parameters at `steps`."""
+    assert_run_matches(root / name, root / "ref", steps, TOKENS)
 
 
 @pytest.mark.parametrize("name", LAYOUTS)

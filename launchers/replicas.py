@@ -1,0 +1,171 @@
+"""Elastic DiLoCo replicas on one machine: a lighthouse and R replica jobs.
+
+`dist-train lighthouse` runs torchft's Lighthouse, the coordinator that forms each outer
+step's quorum from the replicas' heartbeats. `dist-train local --nproc K --replicas R`
+starts one here and R replica jobs of K ranks each, every one its own `dist-train local`
+process in its own session (as separate jobs on separate machines would be), writing to
+`<run.dir>/<run.name>/replica-<id>/`. `ReplicaJobs` is their handle: start, wait, and kill
+one replica's whole process tree (its launcher, agent and workers) from outside, which
+the drills and tests use.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dist_train.errors import UserError
+
+
+def start_lighthouse(bind: str = "127.0.0.1:0", min_replicas: int = 1, join_timeout_s: float = 5.0,
+                     heartbeat_timeout_s: float = 5.0):
+    """torchft's LighthouseServer bound to HOST:PORT (port 0: any free one); `.address()`
+    is its URL, `.shutdown()` stops it."""
+    try:
+        from torchft._torchft import LighthouseServer
+    except ImportError:
+        raise UserError("elastic replicas need torchft: pip install 'dist-train[elastic]'") from None
+    host, _, port = bind.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--bind {bind!r}: expected HOST:PORT, e.g. 127.0.0.1:29510")
+    try:
+        return LighthouseServer(bind=f"{host}:{port}", min_replicas=min_replicas,
+                                join_timeout_ms=int(join_timeout_s * 1000),
+                                heartbeat_timeout_ms=int(heartbeat_timeout_s * 1000))
+    except Exception as e:
+        raise UserError(f"--bind {bind}: the lighthouse could not start ({e}); pick a free port") from None
+
+
+def address(lighthouse, bind: str = "127.0.0.1:0") -> str:
+    """host:port to reach a lighthouse: the host it was bound to (its URL names the
+    machine's hostname instead), its port."""
+    port = lighthouse.address().rstrip("/").rsplit(":", 1)[-1]
+    host = bind.rpartition(":")[0]
+    return f"{host if host not in ('0.0.0.0', '[::]', '::') else lighthouse.address().split('://')[-1].rsplit(':', 1)[0]}:{port}"
+
+
+def lighthouse_command(bind: str, min_replicas: int, join_timeout_s: float, heartbeat_timeout_s: float) -> None:
+    """`dist-train lighthouse`: run until interrupted."""
+    lh = start_lighthouse(bind, min_replicas, join_timeout_s, heartbeat_timeout_s)
+    print(f"lighthouse at {address(lh, bind)} (min replicas {min_replicas}); replicas join with "
+          f"--set elastic.lighthouse={address(lh, bind)}", flush=True)
+    stop = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(1))
+    try:
+        while not stop:
+            time.sleep(0.2)
+    finally:
+        lh.shutdown()
+
+
+@dataclass
+class Replica:
+    id: str
+    proc: subprocess.Popen
+    run_dir: Path
+    log: Path
+    started: float = field(default_factory=time.monotonic)
+
+
+class ReplicaJobs:
+    """R replica jobs of `nproc` ranks against one lighthouse (module docstring)."""
+
+    def __init__(self, config: str | None, overrides: list[str], nproc: int, lighthouse: str, run_root: Path,
+                 logs: Path | None = None):
+        self.config, self.overrides, self.nproc, self.lighthouse = config, list(overrides), nproc, lighthouse
+        self.run_root, self.logs = Path(run_root), Path(logs or run_root)
+        self.replicas: dict[str, Replica] = {}
+
+    def start(self, replica_id: str, extra: list[str] = ()) -> Replica:
+        """Start replica `replica_id` as its own job (its own session); its output goes to
+        `<logs>/replica-<id>.log`."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = self.logs / f"replica-{replica_id}.log"
+        cmd = [sys.executable, "-m", "dist_train", "local", "--nproc", str(self.nproc)]
+        if self.config:
+            cmd.append(self.config)
+        for o in [*self.overrides, f"elastic.lighthouse={self.lighthouse}", f"elastic.replica_id={replica_id}", *extra]:
+            cmd += ["--set", o]
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        r = Replica(replica_id, proc, self.run_root / f"replica-{replica_id}", log)
+        self.replicas[replica_id] = r
+        return r
+
+    def kill(self, replica_id: str) -> int:
+        """kill -9 every process of a replica: its launcher's session, and its workers, which
+        the elastic agent starts in sessions of their own. Returns how many were killed."""
+        r = self.replicas[replica_id]
+        pids = set(pids_of(f"elastic.replica_id={replica_id}", f"elastic.lighthouse={self.lighthouse}"))
+        try:
+            pids |= {int(p) for p in os.popen(f"pgrep -s {r.proc.pid}").read().split()}
+        except ValueError:
+            pass
+        pids.add(r.proc.pid)
+        killed = 0
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+        r.proc.wait()
+        return killed
+
+    def wait(self, timeout: float | None = None) -> dict[str, int]:
+        """Wait for every replica still running; their exit codes."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        codes = {}
+        for rid, r in self.replicas.items():
+            left = None if deadline is None else max(0.1, deadline - time.monotonic())
+            try:
+                codes[rid] = r.proc.wait(timeout=left)
+            except subprocess.TimeoutExpired:
+                codes[rid] = None
+        return codes
+
+    def stop(self) -> None:
+        for rid, r in self.replicas.items():
+            if r.proc.poll() is None:
+                self.kill(rid)
+
+
+def pids_of(*markers: str) -> list[int]:
+    """pids of the processes whose command line holds every one of `markers` (a replica's
+    id and its lighthouse appear in its launcher's and its workers' arguments)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{d}/cmdline", "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if all(m in cmd for m in markers) and int(d) != os.getpid():
+            pids.append(int(d))
+    return pids
+
+
+def local_replicas(config: str | None, overrides: list[str], nproc: int, replicas: int, run_root: Path,
+                   min_replicas: int = 1, join_timeout_s: float = 5.0) -> dict[str, int]:
+    """`dist-train local --nproc K --replicas R`: a lighthouse and R replica jobs here; waits
+    for all and returns their exit codes."""
+    lh = start_lighthouse("127.0.0.1:0", min_replicas, join_timeout_s)
+    jobs = ReplicaJobs(config, overrides, nproc, address(lh), run_root)
+    print(f"lighthouse at {address(lh)}; {replicas} replica job(s) of {nproc} rank(s), logs in {run_root}/", flush=True)
+    try:
+        for i in range(replicas):
+            jobs.start(chr(ord("a") + i) if replicas <= 26 else f"r{i}")
+        codes = jobs.wait()
+    finally:
+        jobs.stop()
+        lh.shutdown()
+    bad = {k: v for k, v in codes.items() if v}
+    if bad:
+        raise UserError(f"replica(s) {', '.join(bad)} failed (exit codes {bad}); see their logs in {run_root}/")
+    return codes

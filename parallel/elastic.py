@@ -1,0 +1,195 @@
+"""DiLoCo over replicas that leave and join: `ElasticReplicaComm`, the outer loop's
+ReplicaComm over a changing membership (fault/membership.py, torchft underneath).
+
+Each replica is its own job with its own inner mesh; ranks holding the same shard in
+every replica meet in torchft's reconfigurable gloo group, rebuilt for each quorum. A
+round (one outer step of parallel/diloco.py):
+  1. quorum: the replicas present now (a replica that died is dropped after the
+     lighthouse's heartbeat timeout; one waiting to join is in);
+  2. status: every replica's (outer steps applied, trainer step) gathered; the source is
+     the lowest-index replica with the most outer steps; every replica behind it (a
+     joiner, or one restarted from an older checkpoint) receives the source's outer state
+     (global parameters, momentum, counters) from that one source, shard by shard over
+     point-to-point sends, and starts from its global parameters. A healed replica's
+     pseudo-gradient weighs 0 until it has trained a whole round from the healed state;
+  3. the norms and the average of parallel/diloco.py.
+Any collective that fails because a member left (connection reset, timeout) fails the
+round on that rank; the replica's ranks agree (all-reduce over the replica's own group)
+and run the whole round again on the next quorum, with the same pseudo-gradients: no
+inner step is lost, and a joiner whose source died during the transfer heals from
+another live replica. The exchange's bytes are counted by the collective recorder under
+the `diloco` group (torchft's group is not an observed one).
+"""
+from __future__ import annotations
+
+import json
+import zlib
+
+import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import AllgatherOptions, AllToAllOptions
+
+from .diloco import TwoPhaseAverage, replica_norms
+
+try:
+    from dist_train.fault.recorder import wire_bytes
+except ImportError:  # pragma: no cover
+    wire_bytes = None
+
+
+class PGOps:
+    """The exchange's collectives on a bare torchft process group, each recorded (count,
+    bytes, wire bytes) under the recorder's `diloco` group."""
+
+    def __init__(self, membership, recorder=None, delay_s: float = 0.0):
+        self.m, self.recorder, self.delay_s = membership, recorder, delay_s  # delay: a drill's slow link
+        self._st = recorder.add_group((0,), "diloco") if recorder is not None else None
+        if self._st is not None:
+            self._st.gid = "torchft-diloco"
+
+    @property
+    def size(self) -> int:
+        return self.m.current.size
+
+    @property
+    def rank(self) -> int:
+        return self.m.current.index
+
+    def _run(self, op: str, kind: str, nbytes: int, fn, wire: int | None = None, peer: int | None = None):
+        if self.delay_s:
+            import time
+
+            time.sleep(self.delay_s)
+        rec = None
+        if self._st is not None:
+            peers = None if peer is None else ((self.rank, peer) if op == "send" else (peer, self.rank))
+            rec = self.recorder.begin(self._st, op, kind, nbytes, peers=peers, p2p_peer=peer,
+                                      wire=wire if wire is not None else wire_bytes(kind, op, nbytes, self.size))
+        try:
+            work = fn()
+        except BaseException as e:
+            if rec is not None:
+                self._st.fail(rec, e)
+            raise
+        return _Recorded(work, self._st, rec)
+
+    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor):
+        opts = AllToAllOptions()
+        return self._run("alltoall_base", "all_to_all", inp.nbytes,
+                         lambda: self.m.pg.alltoall_base(out, inp, [], [], opts),
+                         wire=inp.nbytes - inp.nbytes // self.size)
+
+    def all_gather(self, out: torch.Tensor, inp: torch.Tensor):
+        opts = AllgatherOptions()
+        return self._run("allgather", "all_gather", out.nbytes,
+                         lambda: self.m.pg.allgather([list(out.chunk(self.size))], [inp], opts))
+
+    def send(self, t: torch.Tensor, dst: int):
+        return self._run("send", "send_recv", t.nbytes, lambda: self.m.pg.send([t], dst, 0), peer=dst)
+
+    def recv(self, t: torch.Tensor, src: int):
+        return self._run("recv", "send_recv", t.nbytes, lambda: self.m.pg.recv([t], src, 0), peer=src)
+
+
+class _Recorded:
+    """A torchft Work whose wait() closes its record."""
+
+    def __init__(self, work, st, rec):
+        self.work, self.st, self.rec = work, st, rec
+
+    def wait(self):
+        try:
+            out = self.work.wait()
+        except BaseException as e:
+            if self.rec is not None:
+                self.st.fail(self.rec, e)
+            raise
+        if self.rec is not None:
+            self.st.end(self.rec)
+        return out
+
+
+class ElasticReplicaComm:
+    """ReplicaComm over a changing membership (module docstring). `inner_group` is this
+    rank's own replica (its job's process group)."""
+
+    RETRY = (RuntimeError, ConnectionError, TimeoutError, OSError)
+
+    def __init__(self, membership, inner_group, replica_id: str, *, recorder=None, log=print, delay_s: float = 0.0):
+        self.m, self.inner, self.replica_id = membership, inner_group, replica_id
+        self.ops = PGOps(membership, recorder, delay_s)
+        self.log = log
+        self.joining = False  # set by OuterLoop.join: this replica's first round contributes nothing
+        self.fresh = False    # healed and not yet through a whole round: weight 0
+
+    @property
+    def size(self) -> int:
+        return self.m.current.size if self.m.current else 1
+
+    @property
+    def index(self) -> int:
+        return self.m.current.index if self.m.current else 0
+
+    def begin_round(self, outer, step: int) -> list[float]:
+        """Quorum, status, healing (module docstring); every replica's weight factor: 0 for
+        one healed (or joining) in this round, 1 for the others."""
+        q = self.m.quorum()
+        self.log(f"DiLoCo: replica {self.replica_id} step {step}: outer round with {q.size} replica(s)")
+        fresh = self.fresh or self.joining
+        status = torch.tensor([float(outer.applied_updates), float(step), float(fresh)], dtype=torch.float64)
+        every = torch.empty(self.size * 3, dtype=torch.float64)
+        self.ops.all_gather(every, status).wait()
+        applied, steps, fresh_of = (every.view(self.size, 3)[:, i].tolist() for i in range(3))
+        top = max(applied)
+        source = min(r for r in range(self.size) if applied[r] == top and steps[r] == max(
+            s for a, s in zip(applied, steps) if a == top))
+        behind = [r for r in range(self.size) if r != source and (applied[r] < top or steps[r] < steps[source])]
+        if self.index == source:
+            for r in behind:
+                self._send_state(outer, step, r)
+        elif self.index in behind:
+            self._receive_state(outer, source)
+            self.fresh = True
+        return [0.0 if (r in behind or fresh_of[r]) else 1.0 for r in range(self.size)]
+
+    def round_done(self) -> None:
+        """The round succeeded on every rank of this replica: one that healed (or joined) in
+        it trains a whole round from there, and counts at the next round."""
+        self.fresh = self.joining = False
+
+    def _send_state(self, outer, step: int, dst: int) -> None:
+        meta = json.dumps({**outer.heal_meta(step), "replica_id": self.replica_id}).encode()
+        header = torch.tensor([len(meta), zlib.crc32(meta)], dtype=torch.int64)
+        self.ops.send(header, dst).wait()
+        self.ops.send(torch.frombuffer(bytearray(meta), dtype=torch.uint8), dst).wait()
+        for t in outer.heal_tensors():
+            self.ops.send(t.contiguous(), dst).wait()
+
+    def _receive_state(self, outer, src: int) -> None:
+        header = torch.empty(2, dtype=torch.int64)
+        self.ops.recv(header, src).wait()
+        raw = torch.empty(int(header[0]), dtype=torch.uint8)
+        self.ops.recv(raw, src).wait()
+        meta = bytes(raw.tolist())
+        if zlib.crc32(meta) != int(header[1]):
+            raise ConnectionError("the outer state received from the source replica is damaged")
+        meta = json.loads(meta)
+        tensors = [torch.empty_like(t) for t in outer.heal_tensors()]
+        for t in tensors:
+            self.ops.recv(t, src).wait()
+        outer.receive_heal(tensors, meta, source=meta["replica_id"])
+        self.log(f"DiLoCo: replica {self.replica_id} healed from replica {meta['replica_id']} at step {meta['step']} "
+                 f"(outer step {meta['applied_updates']})")
+
+    def agree(self, ok: bool) -> bool:
+        """Whether every rank of this replica saw the round succeed."""
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        if self.inner is not None and dist.get_world_size(self.inner) > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.inner)
+        return bool(flag.item())
+
+    def replica_norms(self, local_sq: float) -> list[float]:
+        return replica_norms(self.ops, self.inner, local_sq)
+
+    def average(self, flat, weight, total_weight, quantize, deferred=None) -> TwoPhaseAverage:
+        return TwoPhaseAverage(flat, weight, total_weight, quantize, self.ops, deferred)
