@@ -146,18 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         return _exit(f"dist-train: error: {e}", 2)
     except PeerLost as e:
-        return _exit(f"dist-train: {e}", 1)
+        return _exit(None if e.quiet else f"dist-train: {e}", 1)
     except KeyboardInterrupt:
         return 130
     return 0
 
 
-def _exit(line: str, code: int) -> int:
+def _exit(line: str | None, code: int) -> int:
     """Print the one line; a rank whose process group is still up leaves at once, without
     the interpreter's teardown (destroying a gloo group whose peers are gone can hang, and
     exiting with its threads alive can abort with 'terminate called without an active
     exception')."""
-    print(line, file=sys.stderr, flush=True)
+    if line is not None:
+        print(line, file=sys.stderr, flush=True)
     if "torch.distributed" in sys.modules:
         import torch.distributed as dist
 

@@ -22,7 +22,12 @@ _TRANSPORT = re.compile(r"(Connection reset by peer|Connection closed by peer|Br
 
 
 class PeerLost(Exception):
-    """This rank's job lost a peer; the message is the one line to print."""
+    """This rank's job lost a peer; the message is the one line to print (`quiet`: this
+    rank prints nothing, another rank of its replica says it)."""
+
+    def __init__(self, message: str, quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet
 
 
 def peer_lost(exc: BaseException, recorder, run_dir: Path, rank: int) -> PeerLost | None:

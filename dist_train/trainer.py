@@ -533,9 +533,10 @@ def train(cfgs: list[Config]) -> list[Path]:
                 trainer = Trainer(cfg)
                 trainers.append(trainer)
                 run_dir = trainer.fit()
-            except MembershipLost as e:
+            except MembershipLost as e:  # one line per replica: its rank 0 says it
                 raise PeerLost(f"replica {cfg.elastic.replica_id}: {e}; this replica stops, its latest checkpoint "
-                               "intact; restart the lighthouse and the replicas to resume") from None
+                               "intact; restart the lighthouse and the replicas to resume",
+                               quiet=dist.is_initialized() and dist.get_rank() != 0) from None
             except Exception as e:
                 rank = dist.get_rank() if dist.is_initialized() else 0
                 lost = peer_lost(e, get_recorder(), cfg.run_dir, rank)

@@ -146,6 +146,8 @@ class ElasticReplicaComm:
         behind = [r for r in range(self.size) if r != source and (applied[r] < top or steps[r] < steps[source])]
         if self.index == source:
             for r in behind:
+                self.log(f"DiLoCo: replica {self.replica_id} step {step}: sending its outer state to the replica at "
+                         f"index {r} of the quorum (it is behind)")
                 self._send_state(outer, step, r)
         elif self.index in behind:
             self._receive_state(outer, source)

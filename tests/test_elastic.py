@@ -92,3 +92,96 @@ def test_a_replica_leaves_inside_an_outer_step_and_another_joins(tmp_path, light
     assert first["loss"] < ra[0]["loss"] - 1.0  # the survivor's level, not the initial loss
     synced = [r for r in rc if r["applied_fragments"]]
     assert synced and all(r["outer_digest"] == by_step[r["step"]]["outer_digest"] for r in synced)
+
+
+@pytest.mark.slow
+def test_the_source_dies_while_a_joiner_heals_tp2(tmp_path, lighthouse):
+    """Replicas of tp = 2: c joins while a and b train; a, the source, is killed while it
+    sends c its outer state (each op slowed): c heals from b instead, and no survivor
+    hangs (b and c finish)."""
+    steps = 60
+    jobs = jobs_for(tmp_path, lighthouse, 2, steps, ["parallel.tp=2", "parallel.dp_shard=1",
+                                                     'fault.inject=["slow_exchange:ms=60"]'])
+    try:
+        a, b = jobs.start("a"), jobs.start("b")
+        wait_for("a and b in a round", lambda: _round_with(a, 2))
+        c = jobs.start("c")
+        wait_for("a sending c its state", lambda: log_has(a, "sending its outer state"))
+        time.sleep(random.uniform(0.0, 0.3))
+        jobs.kill("a")
+        codes = jobs.wait(timeout=300)
+        assert codes["b"] == 0 and codes["c"] == 0, (codes, c.log.read_text()[-3000:])
+    finally:
+        jobs.stop()
+    rb, rc = records(b.run_dir), records(c.run_dir)
+    assert rc[0].get("healed_from") == "b", rc[0]
+    assert [r["step"] for r in rb] == list(range(rb[0]["step"], steps + 1))
+    assert [r["step"] for r in rc] == list(range(rc[0]["step"], steps + 1))
+    by_step = {r["step"]: r for r in rb}
+    synced = [r for r in rc if r["applied_fragments"]]
+    assert synced and all(r["outer_digest"] == by_step[r["step"]]["outer_digest"] for r in synced)
+
+
+@pytest.mark.slow
+def test_pp2_replica_leaves_then_the_lighthouse_dies_and_everything_resumes(tmp_path):
+    """Replicas of pp = 2: b is killed at a moment chosen here and a goes on alone; then
+    the lighthouse dies: a stops within quorum_timeout + 5 s with one clear line and its
+    checkpoint intact; a new lighthouse on the same port and the replicas started again
+    resume and finish."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    bind = f"127.0.0.1:{port}"
+    lh = _lighthouse_process(bind)
+    steps, timeout_s = 400, 10
+    jobs = jobs_for(tmp_path, bind, 2, steps, ["parallel.pp=2", "parallel.dp_shard=1", "model.n_layers=4",
+                                                f"elastic.quorum_timeout_s={timeout_s}"])
+    try:
+        a, b = jobs.start("a"), jobs.start("b")
+        two = wait_for("a and b in a round", lambda: _round_with(a, 2))
+        time.sleep(random.uniform(0.0, 1.0))
+        jobs.kill("b")
+        wait_for("a alone", lambda: _round_with(a, 1, after=two))
+        lh.kill()  # kill -9 of the lighthouse process
+        lh.wait()
+        stopped = time.monotonic()
+        code = a.proc.wait(timeout=timeout_s + 30)
+        took = time.monotonic() - stopped
+    finally:
+        jobs.stop()
+    out = a.log.read_text(errors="replace")
+    lines = [line for line in out.splitlines() if line.startswith("dist-train: replica a:")]
+    assert code != 0 and len(lines) == 1 and "no quorum from the lighthouse" in lines[0], out[-3000:]
+    assert "restart the lighthouse and the replicas to resume" in lines[0] and "Traceback" not in out
+    assert took <= timeout_s + 5 + 2, took  # + 2: the heartbeat the lighthouse's loss is noticed after
+    last = (a.run_dir / "checkpoints" / "latest").read_text().strip()
+    done = records(a.run_dir)[-1]["step"]
+    lh = _lighthouse_process(bind)
+    jobs2 = jobs_for(tmp_path, bind, 2, done + 10, ["parallel.pp=2", "parallel.dp_shard=1", "model.n_layers=4",
+                                                     f"elastic.quorum_timeout_s={timeout_s}"])
+    try:
+        a2, b2 = jobs2.start("a"), jobs2.start("b")
+        codes = jobs2.wait(timeout=240)
+        assert codes == {"a": 0, "b": 0}, (codes, a2.log.read_text()[-3000:])
+    finally:
+        jobs2.stop()
+        lh.kill()
+    assert f"resumed from {a.run_dir}/checkpoints/{last}" in a2.log.read_text()
+    assert records(a.run_dir)[-1]["step"] == done + 10
+
+
+def _lighthouse_process(bind: str):
+    """`dist-train lighthouse` as its own process (killed from outside with kill -9)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    proc = subprocess.Popen([sys.executable, "-m", "dist_train", "lighthouse", "--bind", bind, "--join-timeout-s", "1",
+                             "--heartbeat-timeout-s", "2"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith(f"lighthouse at {bind}"), line
+    return proc
