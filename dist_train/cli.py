@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--nproc", type=int, default=4, help="ranks per drill job (default 4)")
     sp.add_argument("--repeats", type=int, default=1, help="run each drill this many times")
     sp.add_argument("--jitter-steps", type=int, default=40, help="steps of the jitter drill (no finding expected)")
+    sp.add_argument("--replicas", type=int, default=0, metavar="R",
+                    help="elastic DiLoCo drills: R replica jobs of --nproc ranks and a lighthouse; faults "
+                         "replica_kill:id=b,step=30, replica_join:step=40, replica_kill_during_heal:step=20, "
+                         "lighthouse_kill:step=30 (--all: one of each)")
     return p
 
 

@@ -23,6 +23,12 @@ Spec strings (`[fault] inject = [...]`, `dist-train drill --fault`):
                                         U(0, P%) of the recent step time late (noise, no fault)
   slow_exchange:ms=M                    elastic DiLoCo: every cross-replica op of this replica's
                                         outer step starts M ms late (a slow wide-area link)
+  replica_kill:id=X,step=S              elastic drills (`dist-train drill --replicas R`): kill -9
+                                        every process of replica X once it reports step S
+  replica_join:step=S[,id=X]            ... start a new replica X once a replica reports step S
+  replica_kill_during_heal:step=S       ... start a joiner at step S and kill its source
+                                        replica while it sends the joiner its outer state
+  lighthouse_kill:step=S                ... kill -9 the lighthouse once a replica reports step S
   bad_update:rank=R,step=S[,scale=X]    DiLoCo: R's replica sends its pseudo-gradient of the first
                                         outer step at or after step S times X (default 1e6;
                                         scale=nan: not finite), as a faulty or hostile replica
@@ -62,13 +68,20 @@ _FIELDS: dict[str, dict[str, tuple]] = {
     "jitter": {"pct": (float, False, 20.0), "seed": (int, False, 0), "step": (int, False, 1)},
     "bad_update": {"rank": (int, True, None), "step": (int, True, None), "scale": (float, False, 1e6)},
     "slow_exchange": {"ms": (float, True, None)},
+    "replica_kill": {"id": (str, True, None), "step": (int, True, None)},
+    "replica_join": {"step": (int, True, None), "id": (str, False, "j")},
+    "replica_kill_during_heal": {"step": (int, True, None), "id": (str, False, "j")},
+    "lighthouse_kill": {"step": (int, True, None)},
 }
 KINDS = tuple(_FIELDS)
 ONE_SHOT = ("hang", "crash", "sigstop")
 _EXAMPLE = {"delay": "delay:rank=1,ms=50", "hang": "hang:rank=2,step=5", "slow_link": "slow_link:ranks=1-2,ms=80",
             "slow_compute": "slow_compute:rank=3,factor=2", "crash": "crash:rank=1,step=4",
             "sigstop": "sigstop:rank=2,step=5", "jitter": "jitter:pct=20",
-            "bad_update": "bad_update:rank=2,step=10,scale=1e6", "slow_exchange": "slow_exchange:ms=200"}
+            "bad_update": "bad_update:rank=2,step=10,scale=1e6", "slow_exchange": "slow_exchange:ms=200",
+            "replica_kill": "replica_kill:id=b,step=30", "replica_join": "replica_join:step=40",
+            "replica_kill_during_heal": "replica_kill_during_heal:step=20", "lighthouse_kill": "lighthouse_kill:step=30"}
+REPLICA_FAULTS = ("replica_kill", "replica_join", "replica_kill_during_heal", "lighthouse_kill")
 
 
 @dataclass(frozen=True)
@@ -192,8 +205,8 @@ class FaultInjector:
         self._last_issue = None  # monotonic s when the previous collective was issued
         self._step_times: list[float] = []
         self._jitter_s = 0.0
-        self.injections = [i for i in injections if self._mine(i)
-                           and i.kind not in ("sigstop", "bad_update", "slow_exchange")]
+        self.injections = [i for i in injections if i.kind not in ("sigstop", "bad_update", "slow_exchange",
+                                                                   *REPLICA_FAULTS) and self._mine(i)]
         self._rng = random.Random()
         for i in self.injections:
             if i.kind == "jitter":

@@ -222,9 +222,64 @@ def table(drills: list[Drill]) -> str:
     return "\n".join(rows)
 
 
+REPLICA_ALL = ("replica_kill:id=b,step=12", "replica_join:step=12", "replica_kill_during_heal:step=12",
+               "lighthouse_kill:step=12")
+# elastic drills' jobs: fast steps, an outer step every 5, a checkpoint at each
+REPLICA_DEFAULTS = {"diloco.enabled": "true", "diloco.inner_steps": 5, "checkpoint.every": 5,
+                    "metrics.progress": "false", "metrics.report": "false", "data.seq_len": 64,
+                    "train.global_batch": 8, "train.steps": 80, "elastic.timeout_s": 10, "elastic.quorum_timeout_s": 15,
+                    "fault.inject": '["slow_exchange:ms=60"]'}
+
+
+def replica_drill_command(args) -> None:
+    """`dist-train drill --replicas R`: each fault in its own elastic job (module docstring
+    of launchers/replicas.py), a table of expected against observed."""
+    from dist_train.config import load_config
+    from dist_train.fault.inject import REPLICA_FAULTS, InjectError, parse_spec
+    from dist_train.launchers.replicas import replica_drill
+
+    specs = list(REPLICA_ALL) if args.all else args.fault
+    if not specs:
+        raise UserError("drill --replicas: pass --fault replica_kill:id=b,step=30 (or replica_join, "
+                        "replica_kill_during_heal, lighthouse_kill) or --all")
+    for spec in specs:
+        try:
+            kind = parse_spec(spec).kind
+        except InjectError as e:
+            raise UserError(f"--fault: {e}") from None
+        if kind not in REPLICA_FAULTS:
+            raise UserError(f"--fault {spec}: with --replicas use one of {', '.join(REPLICA_FAULTS)}")
+    base = load_config(args.config, args.overrides)
+    root = Path(base.run.dir) / f"drill-{time.strftime('%Y%m%d-%H%M%S')}"
+    results = []
+    for i, spec in enumerate(specs):
+        overrides = ([f"{k}={v}" for k, v in REPLICA_DEFAULTS.items()] + list(args.overrides)
+                     + [f"run.dir={root}", f"run.name=d{i}"])
+        probe = load_config(args.config, [*overrides, "elastic.lighthouse=127.0.0.1:1", "elastic.replica_id=a"])
+        t0 = time.monotonic()
+        r = replica_drill(args.config, overrides, args.nproc, args.replicas, spec, root / f"d{i}",
+                          quorum_timeout_s=probe.elastic.quorum_timeout_s)
+        r["seconds"] = round(time.monotonic() - t0, 1)
+        results.append(r)
+        print(f"drill {spec}: {'correct' if r['correct'] else 'NOT correct'} ({r['observed']})", flush=True)
+    rows = ["| drill | expected | observed | correct |", "|---|---|---|---|"]
+    rows += [f"| `{r['spec']}` | {r['expected']} | {r['observed']} | {'yes' if r['correct'] else 'NO'} |"
+             for r in results]
+    text = "\n".join(rows)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "drill.md").write_text(f"# Elastic drills: {args.replicas} replicas of {args.nproc} ranks\n\n{text}\n")
+    (root / "drill.json").write_text(json.dumps(results, indent=1))
+    print(text)
+    bad = [r for r in results if not r["correct"]]
+    if bad:
+        raise UserError(f"{len(bad)} elastic drill(s) went wrong (see {root / 'drill.md'})")
+
+
 def drill_command(args) -> None:
     from dist_train.config import load_config
 
+    if getattr(args, "replicas", 0):
+        return replica_drill_command(args)
     if not args.all and not args.fault:
         raise UserError("drill: pass --fault KIND:rank=R,... (e.g. --fault hang:rank=2,step=6) or --all")
     base = load_config(args.config, args.overrides)
