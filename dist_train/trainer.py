@@ -363,10 +363,14 @@ class Trainer:
         }
         if not bool(g.column("eval_loss").isnan().all()):  # evaluated this step (the last stages hold it)
             record["eval_loss"] = float(g.column("eval_loss").nanmean())
+        record["time"] = local["time"]
         if local["outer"] is not None:
             record.update(self._outer_record(local["outer"], step))
+            record["outer_s"] = local["outer_s"]  # of step_time_s: the outer step's share (quorum, healing, exchange)
             if local["healed"]:
                 record["healed_from"] = local["healed"][1]
+            if step == self.joined[0] + 1:
+                record["join_s"] = self.joined[1]  # waiting for the first quorum (and healing) before this step
             if local["outer"].applied:  # the same shard (rank modulo a replica's ranks) agrees in every replica
                 digests = g.column("diloco_digest").view(self.dims.diloco, -1)
                 record["replicas_agree"] = bool((digests == digests[0]).all())
@@ -469,9 +473,11 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------
     def fit(self) -> Path:
         start = self.resume()
-        self.healed = None
+        self.healed, self.joined = None, (start, 0.0)
         if self.cfg.elastic.lighthouse:
+            t0 = time.perf_counter()
             start = self._join(start)
+            self.joined = (start, time.perf_counter() - t0)
         self.recorder.reset_step_counts()  # start-up collectives are no step's
         c4 = start_monitor(self.cfg, self.env, self.recorder, self.device, self.log)
         with contextlib.closing(c4), self.metrics_log(start) as metrics:
@@ -479,14 +485,16 @@ class Trainer:
                 t0 = time.perf_counter()
                 c4.step_begin(step)
                 loss, grad_norm = self.train_step()
+                t_outer = time.perf_counter()
                 outer = self.outer.after_step(step) if self.outer else None  # DiLoCo: every H steps
+                t_outer = time.perf_counter() - t_outer
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 step_time = time.perf_counter() - t0
                 eval_loss = self.evaluate() if self.eval_due(step) else float("nan")
                 metrics.submit(step, self.step_stats(loss, step_time, eval_loss), self.recorder.background,
                                lr=self.scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
-                               c4_findings=c4.findings_count, outer=outer,
+                               c4_findings=c4.findings_count, outer=outer, outer_s=t_outer, time=time.time(),
                                healed=self.healed if step == start + 1 else None)
                 self._check_quorum_timeout(outer, step_time)
                 c4.step_end(step, time.perf_counter() - t0)
