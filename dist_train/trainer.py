@@ -24,6 +24,7 @@ from dist_train import kernels
 from dist_train.data import BackgroundVerifier, DataError, DistributedBatchSampler, TokenDataset, ensure_prepared
 from dist_train.fault.collectives import get_recorder, name_mesh_groups
 from dist_train.fault.membership import MembershipLost
+from dist_train.parallel.elastic import ShapeRefused
 from dist_train.parallel.clip import clip_grad_norm_
 from dist_train.parallel.data_parallel import set_gradient_sync
 from dist_train.parallel.dims import MESH_DIMS
@@ -193,8 +194,13 @@ class Trainer:
         from dist_train.fault.inject import parse_specs
 
         slow = [i.ms / 1e3 for i in parse_specs(self.cfg.fault.inject) if i.kind == "slow_exchange"]
+        a, d = self.args, self.dims
+        shape = {"world size": d.world_size, "parallel.pp": d.pp, "parallel.dp_replicate": d.dp_replicate,
+                 "parallel.dp_shard": d.dp_shard, "parallel.tp": d.tp, "parallel.ep": d.ep, "model.n_layers": a.n_layers,
+                 "model.dim": a.dim, "model.n_heads": a.n_heads, "model.n_kv_heads": a.n_kv_heads,
+                 "model.ffn_dim": a.ffn_dim, "model.vocab_size": a.vocab_size, "model.moe_experts": a.moe_experts}
         return ElasticReplicaComm(membership, inner, e.replica_id, recorder=self.recorder, log=self.log,
-                                  delay_s=sum(slow))
+                                  delay_s=sum(slow), shape=shape)
 
     def _join(self, start: int) -> int:
         """An elastic replica takes part in the live replicas' next round before its first
@@ -541,6 +547,8 @@ def train(cfgs: list[Config]) -> list[Path]:
                 trainer = Trainer(cfg)
                 trainers.append(trainer)
                 run_dir = trainer.fit()
+            except ShapeRefused as e:
+                raise PeerLost(str(e), quiet=dist.is_initialized() and dist.get_rank() != 0) from None
             except MembershipLost as e:  # one line per replica: its rank 0 says it
                 raise PeerLost(f"replica {cfg.elastic.replica_id}: {e}; this replica stops, its latest checkpoint "
                                "intact; restart the lighthouse and the replicas to resume",

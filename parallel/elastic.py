@@ -109,14 +109,27 @@ class _Recorded:
         return out
 
 
+class ShapeRefused(Exception):
+    """This replica's shape differs from the running replicas' (the message names the field)."""
+
+
+class _OtherShape(RuntimeError):
+    """A replica of another shape is in this round (it refuses itself and leaves): run the
+    round again without it."""
+
+
 class ElasticReplicaComm:
     """ReplicaComm over a changing membership (module docstring). `inner_group` is this
-    rank's own replica (its job's process group)."""
+    rank's own replica (its job's process group). `shape` names the numbers every replica
+    must share ({"parallel.tp": 2, "model.dim": 64, ...}): rank r of each replica must hold
+    the same shard, so a joiner of another shape is refused, naming the field."""
 
     RETRY = (RuntimeError, ConnectionError, TimeoutError, OSError)
 
-    def __init__(self, membership, inner_group, replica_id: str, *, recorder=None, log=print, delay_s: float = 0.0):
+    def __init__(self, membership, inner_group, replica_id: str, *, recorder=None, log=print, delay_s: float = 0.0,
+                 shape: dict[str, int] | None = None):
         self.m, self.inner, self.replica_id = membership, inner_group, replica_id
+        self.shape = dict(shape or {})
         self.ops = PGOps(membership, recorder, delay_s)
         self.log = log
         self.joining = False  # set by OuterLoop.join: this replica's first round contributes nothing
@@ -136,10 +149,13 @@ class ElasticReplicaComm:
         q = self.m.quorum()
         self.log(f"DiLoCo: replica {self.replica_id} step {step}: outer round with {q.size} replica(s)")
         fresh = self.fresh or self.joining
-        status = torch.tensor([float(outer.applied_updates), float(step), float(fresh)], dtype=torch.float64)
-        every = torch.empty(self.size * 3, dtype=torch.float64)
-        self.ops.all_gather(every, status).wait()
-        applied, steps, fresh_of = (every.view(self.size, 3)[:, i].tolist() for i in range(3))
+        status = torch.tensor([float(outer.applied_updates), float(step), float(fresh), *map(float, self.shape.values())],
+                              dtype=torch.float64)
+        width = status.numel()
+        every = torch.empty(self.size * width, dtype=torch.float64).view(self.size, width)
+        self.ops.all_gather(every.view(-1), status).wait()
+        applied, steps, fresh_of = (every[:, i].tolist() for i in range(3))
+        self._check_shape(every[:, 3:], fresh_of)
         top = max(applied)
         source = min(r for r in range(self.size) if applied[r] == top and steps[r] == max(
             s for a, s in zip(applied, steps) if a == top))
@@ -158,6 +174,23 @@ class ElasticReplicaComm:
         """The round succeeded on every rank of this replica: one that healed (or joined) in
         it trains a whole round from there, and counts at the next round."""
         self.fresh = self.joining = False
+
+    def _check_shape(self, shapes: torch.Tensor, fresh_of: list[float]) -> None:
+        """Compare every replica's shape with the reference one (the lowest-index replica
+        that is not joining, else index 0): a joiner that differs refuses itself; the others
+        run the round again once it has left."""
+        ref = next((r for r in range(self.size) if not fresh_of[r]), 0)
+        for r in range(self.size):
+            diff = [(name, int(shapes[r, i]), int(shapes[ref, i])) for i, name in enumerate(self.shape)
+                    if shapes[r, i] != shapes[ref, i]]
+            if not diff:
+                continue
+            if r == self.index:
+                name, mine, theirs = diff[0]
+                raise ShapeRefused(f"replica {self.replica_id}: {name} = {mine} here, but the running replicas have "
+                                   f"{theirs}; every replica needs the same model and inner layout (rank r holds the "
+                                   f"same shard in each); start it with --set {name}={theirs}")
+            raise _OtherShape(f"the replica at index {r} of the quorum has another shape ({diff[0][0]})")
 
     def _send_state(self, outer, step: int, dst: int) -> None:
         meta = json.dumps({**outer.heal_meta(step), "replica_id": self.replica_id}).encode()

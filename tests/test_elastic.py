@@ -185,3 +185,23 @@ def _lighthouse_process(bind: str):
     line = proc.stdout.readline()
     assert line.startswith(f"lighthouse at {bind}"), line
     return proc
+
+
+@pytest.mark.slow
+def test_a_joiner_of_another_shape_is_refused_naming_the_field(tmp_path, lighthouse):
+    """Rank r of every replica must hold the same shard: a joiner with another model width
+    stops with one line naming model.dim, and the running replica goes on to the end."""
+    jobs = jobs_for(tmp_path, lighthouse, 1, 120, ['fault.inject=["slow_exchange:ms=20"]'])
+    try:
+        a = jobs.start("a")
+        wait_for("a training", lambda: _round_with(a, 1, after=1))
+        c = jobs.start("c", ["model.dim=32"])
+        codes = jobs.wait(timeout=240)
+    finally:
+        jobs.stop()
+    out = c.log.read_text(errors="replace")
+    lines = [line for line in out.splitlines() if line.startswith("dist-train: replica c:")]
+    assert codes["a"] == 0 and codes["c"] != 0, codes
+    assert len(lines) == 1 and "model.dim = 32 here, but the running replicas have 64" in lines[0], out[-2000:]
+    assert "Traceback" not in out
+    assert records(a.run_dir)[-1]["step"] == 120
