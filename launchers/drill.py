@@ -111,7 +111,9 @@ def all_drills(nproc: int, jitter_steps: int = 40, pp: int = 1) -> list[Drill]:
         specs += [f"delay:rank={r},ms=10,step=4", f"slow_compute:rank={r},factor=2,step=4",
                   f"hang:rank={r},step=6", f"hang:rank={r},step=6,where=compute", f"sigstop:rank={r},step=6,at=random,seed={r + 1}",
                   f"crash:rank={r},step=6"]
-    ms = 5 if nproc <= 4 else 20  # more ranks per core: noisier waits, a link must be slower to stand out
+    # a link 20 ms slower per message stands out on a loaded machine too (5 ms was lost in
+    # the waits' noise when another job shared the 2 cores)
+    ms = 20
     gap = _link_gap(nproc, pp)
     specs += [f"slow_link:ranks=0-{gap},ms={ms},step=4",
               f"slow_link:ranks={last - gap}-{last},ms={ms},step=4"]

@@ -512,8 +512,8 @@ for _r in (0, 3):
         f"sigstop:rank={_r},step=6,at=random,seed={_r + 1}": ("non_comm_hang", [_r]),  # frozen mid-step
         f"crash:rank={_r},step=6": ("crash", [_r]),
     })
-ALL_4.update({"slow_link:ranks=0-2,ms=5,step=4": ("slow_link", [0, 2]),
-              "slow_link:ranks=1-3,ms=5,step=4": ("slow_link", [1, 3])})
+ALL_4.update({"slow_link:ranks=0-2,ms=20,step=4": ("slow_link", [0, 2]),
+              "slow_link:ranks=1-3,ms=20,step=4": ("slow_link", [1, 3])})
 
 
 @pytest.mark.slow
@@ -541,7 +541,7 @@ def test_drills_in_a_pipeline_layout(tmp_path):
     between stages is found through their sends and recvs; ranks 0 and 3 frozen by SIGSTOP
     at a random moment of a step are named by their stale heartbeats. (Slow ranks in this
     layout: by hand, see docs/benchmarks.md; that p2p waits count is tested above.)"""
-    expected = {"hang:rank=2,step=6": ("hang", [2]), "slow_link:ranks=1-3,ms=5,step=4": ("slow_link", [1, 3]),
+    expected = {"hang:rank=2,step=6": ("hang", [2]), "slow_link:ranks=1-3,ms=20,step=4": ("slow_link", [1, 3]),
                 "sigstop:rank=0,step=6,at=random,seed=1": ("non_comm_hang", [0]),
                 "sigstop:rank=3,step=6,at=random,seed=4": ("non_comm_hang", [3])}
     proc = run_cli("drill", "configs/tiny.toml", "--nproc", "4", *[a for f in expected for a in ("--fault", f)],
