@@ -14,6 +14,7 @@ from datetime import timedelta
 from dist_train.fault.wire import DETECTOR_ENV, STORE_ENV  # set by a launcher that hosts the watcher
 
 from .config import Config
+from .distributed import job_attempt
 
 
 def settings_of(cfg: Config):
@@ -70,6 +71,6 @@ def start_monitor(cfg: Config, env, recorder, device, log):
     if mode == "auto":
         mode = "launcher" if os.environ.get(DETECTOR_ENV) == "launcher" else "ranks"
     return Monitor(recorder, store, rank=env.rank, world=env.world_size,
-                   attempt=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), run_dir=str(cfg.run_dir),
+                   attempt=job_attempt(), run_dir=str(cfg.run_dir),
                    settings=settings_of(cfg), injections=cfg.fault.inject, publish=publish,
                    detect_here=publish and mode == "ranks", health=health)

@@ -15,6 +15,8 @@ import re
 import traceback
 from pathlib import Path
 
+from .distributed import job_attempt
+
 # what gloo and NCCL say when the other end of a connection is gone
 _TRANSPORT = re.compile(r"(Connection reset by peer|Connection closed by peer|Broken pipe|Connection refused|"
                         r"Socket Timeout|Timed out waiting|NCCL communicator was aborted|"
@@ -39,8 +41,8 @@ def peer_lost(exc: BaseException, recorder, run_dir: Path, rank: int) -> PeerLos
     reason = _TRANSPORT.search(str(exc))
     if not from_collective and reason is None:
         return None
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    log = _write_traceback(exc, Path(run_dir) / "logs" / f"rank{rank}-attempt{attempt}.log")
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # this agent's budget
+    log = _write_traceback(exc, Path(run_dir) / "logs" / f"rank{rank}-attempt{job_attempt()}.log")
     where = ""
     if failure is not None:
         st, rec = failure

@@ -60,7 +60,7 @@ class LocalJob:
             raise UserError(f"--nodes {nodes}: must divide --nproc {nproc} (each node gets the same number of ranks)")
         self.nproc, self.nodes, self.max_restarts = nproc, nodes, max_restarts
         self.port, self.run_id = free_port(), f"local-{uuid.uuid4().hex[:8]}"
-        self.worker_args = _worker_args(config_path, overrides, runs_file)
+        self.worker_args = worker_args(config_path, overrides, runs_file)
         self.watcher = None
         if plan is not None and (plan.c4 or plan.sigstops):
             from dist_train.fault.watcher import Watcher
@@ -161,7 +161,8 @@ class LocalJob:
                             "simulated nodes")
 
 
-def _worker_args(config_path: str | None, overrides: list[str], runs_file: str | None) -> tuple[str, ...]:
+def worker_args(config_path: str | None, overrides: list[str], runs_file: str | None) -> tuple[str, ...]:
+    """What every launcher runs after `python`: `-m dist_train train CONFIG --set ...`."""
     args = ["-m", "dist_train", "train"]
     if config_path:
         args.append(str(config_path))
@@ -214,6 +215,9 @@ def _run_agent(node_rank: int, nodes: int, per_node: int, port: int, run_id: str
 
 
 def _agent_process(node_rank, nodes, per_node, port, run_id, max_restarts, worker_args, exits) -> None:
+    # Several agents number their restarts apart, so the ranks cannot share the rendezvous
+    # store under a per-restart prefix: rank 0 hosts theirs (the C4 store stays this one).
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     try:
         _run_agent(node_rank, nodes, per_node, port, run_id, max_restarts, worker_args,
                    on_failure=lambda pid, code: exits.put((pid, code)))
