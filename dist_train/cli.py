@@ -1,4 +1,4 @@
-"""The `dist-train` command: train, local, lighthouse, prepare, verify, report, drill.
+"""The `dist-train` command: train, local, ray, torchrun, sbatch, lighthouse, prepare, verify, report, drill.
 
 User mistakes (bad config, bad data, impossible layout) end in one line naming the field
 and the fix, exit code 2 — never a traceback.
@@ -41,6 +41,32 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-restarts", type=int, default=0, help="restart the job this often after a failure")
     sp.add_argument("--replicas", type=int, default=0, metavar="R",
                     help="elastic DiLoCo: a lighthouse and R replica jobs of --nproc ranks each (diloco.enabled)")
+    sp = sub.add_parser("ray", help="train on a Ray cluster, one Ray Train worker per rank")
+    config_args(sp)
+    sp.add_argument("--workers", type=int, required=True, help="ranks (Ray Train workers) to start")
+    sp.add_argument("--address", help="auto or HOST:PORT of a running Ray cluster (default: start a Ray on "
+                                      "this machine for the job)")
+    sp.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs Ray reserves per rank (default 1)")
+    sp.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs Ray reserves per rank (default 0)")
+    sp.add_argument("--max-failures", type=int, default=0,
+                    help="restart the whole group this often after a worker fails (-1: no limit); each "
+                         "restart resumes from the latest checkpoint")
+    sub.add_parser("torchrun", help="torchrun running `dist_train train` on this node, with multi-node "
+                                    "defaults and one-line launch errors: dist-train torchrun [torchrun "
+                                    "options] CONFIG [--set ...]", add_help=False)
+    sp = sub.add_parser("sbatch", help="print a SLURM batch script running the job on N nodes")
+    config_args(sp)
+    sp.add_argument("--nodes", type=int, required=True, help="nodes to ask SLURM for")
+    sp.add_argument("--min-nodes", type=int, help="elastic: carry on with this many nodes after a node is "
+                                                  "lost (default: --nodes, no shrinking)")
+    sp.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node, one rank each")
+    sp.add_argument("--procs-per-node", type=int, help="ranks per node (default: --gpus-per-node)")
+    sp.add_argument("--cpus-per-node", type=int, help="CPUs to ask for per node")
+    sp.add_argument("--max-restarts", type=int, default=3, help="restarts of the job after a failure (default 3)")
+    sp.add_argument("--port", type=int, default=29500, help="rendezvous port on the first node (default 29500)")
+    sp.add_argument("--time", help="SLURM time limit, e.g. 24:00:00")
+    sp.add_argument("--partition", help="SLURM partition")
+    sp.add_argument("--account", help="SLURM account")
     sp = sub.add_parser("lighthouse", help="the coordinator of elastic DiLoCo replicas (torchft's Lighthouse)")
     sp.add_argument("--bind", default="127.0.0.1:29510", help="HOST:PORT to listen on (port 0: any free one)")
     sp.add_argument("--min-replicas", type=int, default=1, help="an outer step needs at least this many replicas")
@@ -89,6 +115,20 @@ def _local(args) -> None:
     LocalJob(args.config, args.overrides, args.nproc, args.nodes, args.max_restarts, args.runs, plan).run()
 
 
+def _ray(args) -> None:
+    from dist_train.launchers.local import worker_args
+    from dist_train.launchers.ray import RayJob
+
+    from .config import load_runs
+    from .layout import preflight
+
+    cfgs = load_runs(args.config, args.overrides, args.runs)
+    plan = preflight(cfgs, args.workers)  # nodes unknown until Ray places the ranks: each rank re-checks
+    RayJob(worker_args(args.config, args.overrides, args.runs), args.workers, cfgs[0].run_dir / "ray",
+           address=args.address, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+           max_failures=args.max_failures, plan=plan).run()
+
+
 def _replicas(args) -> None:
     """`local --replicas R`: check one replica's run here, then start the lighthouse and the jobs."""
     from dist_train.launchers.replicas import local_replicas
@@ -122,6 +162,12 @@ def run(argv: list[str] | None = None) -> None:
         train(load_runs(args.config, args.overrides, args.runs))
     elif args.command == "local":
         _local(args)
+    elif args.command == "ray":
+        _ray(args)
+    elif args.command == "sbatch":
+        from dist_train.launchers.sbatch import sbatch_command
+
+        sbatch_command(args)
     elif args.command == "prepare":
         _prepare(args)
     elif args.command == "drill":
@@ -143,6 +189,11 @@ def run(argv: list[str] | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["torchrun"]:  # its options are torchrun's own: torch's parser reads them
+        from dist_train.launchers.torchrun import main as torchrun_main
+
+        return torchrun_main(argv[1:])
     from .failures import PeerLost
 
     try:

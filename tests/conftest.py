@@ -91,15 +91,21 @@ def tiny_overrides(run_dir: Path, name: str, steps: int, **extra) -> list[str]:
     return out
 
 
-def sweep(root: Path, nproc: int, runs: dict[str, dict], common: dict | None = None,
-          timeout: float = 900, config: str = "configs/tiny.toml", nodes: int = 1) -> subprocess.CompletedProcess:
-    """One `dist-train local --nproc N --runs` launch running each named run in turn under
-    root/ (a launch costs ~10 s of start-up on 2 cores; the runs share it). A run's
-    overrides may set run.name to continue an earlier run's directory. `nodes` simulated
-    nodes share the ranks (LOCAL_WORLD_SIZE = nproc / nodes)."""
+def runs_file(root: Path, runs: dict[str, dict], common: dict | None = None) -> Path:
+    """A `--runs` file under root/ running each named run in turn: its overrides on top of
+    `common` (a run's overrides may set run.name to continue an earlier run's directory)."""
     base = {"run.dir": str(root), "metrics.progress": "false", "metrics.report": "false", **(common or {})}
     entries = [[f"{k}={v}" for k, v in {**base, "run.name": name.strip(), **sets}.items()]
                for name, sets in runs.items()]
-    spec = root / f"runs-{nproc}-{nodes}-{abs(hash(tuple(runs)))}.json"
+    spec = root / f"runs-{abs(hash((tuple(runs), json.dumps(entries))))}.json"
     spec.write_text(json.dumps(entries))
+    return spec
+
+
+def sweep(root: Path, nproc: int, runs: dict[str, dict], common: dict | None = None,
+          timeout: float = 900, config: str = "configs/tiny.toml", nodes: int = 1) -> subprocess.CompletedProcess:
+    """One `dist-train local --nproc N --runs` launch running each named run in turn under
+    root/ (a launch costs ~10 s of start-up on 2 cores; the runs share it). `nodes`
+    simulated nodes share the ranks (LOCAL_WORLD_SIZE = nproc / nodes)."""
+    spec = runs_file(root, runs, common)
     return run_cli("local", "--nproc", str(nproc), "--nodes", str(nodes), config, "--runs", str(spec), timeout=timeout)
