@@ -190,21 +190,34 @@ def run(argv: list[str] | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["torchrun"]:  # its options are torchrun's own: torch's parser reads them
-        from dist_train.launchers.torchrun import main as torchrun_main
-
-        return torchrun_main(argv[1:])
-    from .failures import PeerLost
-
     try:
-        run(argv)
+        if argv[:1] == ["torchrun"]:  # its options are torchrun's own: torch's parser reads them
+            from dist_train.launchers.torchrun import torchrun_command
+
+            torchrun_command(argv[1:], lambda rest: _parser().parse_args(["train", *rest]))
+        else:
+            run(argv)
     except _user_errors() as e:
         return _exit(f"dist-train: error: {e}", 2)
-    except PeerLost as e:
+    except _peer_lost() as e:
         return _exit(None if e.quiet else f"dist-train: {e}", 1)
+    except _launch_failed() as e:
+        return _exit(f"dist-train: {e}", 1)
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _peer_lost():
+    from .failures import PeerLost  # imports torch: not before `torchrun` has set its log level
+
+    return PeerLost
+
+
+def _launch_failed():
+    from dist_train.launchers.torchrun import LaunchFailed
+
+    return LaunchFailed
 
 
 def _exit(line: str | None, code: int) -> int:

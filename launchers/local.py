@@ -4,7 +4,9 @@ The agent is torch's `LocalElasticAgent`, the engine behind torchrun, so the wor
 exactly torchrun's environment and run `python -m dist_train train`. `--nodes K` starts K
 agents, each owning N/K workers and meeting through the c10d rendezvous like real nodes;
 every worker then sees LOCAL_WORLD_SIZE = N/K, which is what node-aware code
-(hierarchical all-to-all, C4 link naming) keys on.
+(hierarchical all-to-all, C4 link naming) keys on. Several agents number their restarts
+apart, so they run with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: rank 0 hosts the ranks' store
+(dist_train/distributed.py), while the C4 detector keeps reading the rendezvous store.
 
 `LocalJob` is the handle of one launch: `run()` blocks until the job ends, while from
 another thread `watcher` (the C4 detector, when on) and `kill_attempt()` serve whoever

@@ -32,13 +32,15 @@ class LaunchFailed(Exception):
     """The job ran and failed on this node; the ranks have said why."""
 
 
-def torchrun_command(argv: list[str]) -> None:
+def torchrun_command(argv: list[str], parse_train) -> None:
+    """Run torchrun's options `argv` on this node; `parse_train(args)` reads what follows
+    them as `dist-train train` does (the CLI's parser: config, --set, --runs)."""
     torch_run = _import_quietly()
     args = _parse(torch_run, argv)
     train_args = [args.training_script, *args.training_script_args]
     min_nodes, max_nodes = torch_run.parse_min_max_nnodes(args.nnodes)
     per_node = torch_run.determine_local_world_size(args.nproc_per_node)
-    _preflight(train_args, max_nodes * per_node, max_nodes)
+    _preflight(parse_train(train_args), max_nodes * per_node, max_nodes)
     if max_nodes > 1:
         os.environ.setdefault(SHARE_STORE_ENV, "1")
     if min_nodes < max_nodes:
@@ -84,13 +86,11 @@ def _parse(torch_run, argv: list[str]):
     return args
 
 
-def _preflight(train_args: list[str], nproc: int, nodes: int) -> None:
+def _preflight(ns, nproc: int, nodes: int) -> None:
     """Check the runs as `dist-train train` will read them, at the job's largest world."""
-    from dist_train.cli import _parser
     from dist_train.config import load_runs
     from dist_train.layout import preflight
 
-    ns = _parser().parse_args(["train", *train_args])
     preflight(load_runs(ns.config, ns.overrides, ns.runs), nproc, nodes)
 
 
@@ -105,9 +105,8 @@ def _run(torch_run, args) -> None:
     try:
         torch_run.run(args)
     except ChildFailedError as e:
-        failures = sorted(e.failures.items())
-        rank, first = failures[0]
-        raise LaunchFailed(f"{len(failures)} rank(s) on this node failed, first rank {rank} "
+        rank, first = e.get_first_failure()
+        raise LaunchFailed(f"{len(e.failures)} rank(s) on this node failed, first rank {rank} "
                            f"(exit {first.exitcode}); its own message is above, its log under the run "
                            "directory's logs/") from None
     except RendezvousTimeoutError:
@@ -122,18 +121,3 @@ def _run(torch_run, args) -> None:
         raise LaunchFailed(f"{where} was closed: the job already ended on the other nodes") from None
     except RendezvousError as e:
         raise UserError(f"{where}: {e}") from None
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry from `dist-train torchrun`: exit 2 for a mistake, 1 for a failed job."""
-    from dist_train.cli import _exit, _user_errors
-
-    try:
-        torchrun_command(sys.argv[2:] if argv is None else argv)
-    except _user_errors() as e:
-        return _exit(f"dist-train: error: {e}", 2)
-    except LaunchFailed as e:
-        return _exit(f"dist-train torchrun: {e}", 1)
-    except KeyboardInterrupt:
-        return 130
-    return 0

@@ -174,7 +174,8 @@ def test_sbatch_script_loses_a_node_then_grows_back(tmp_path):
 
 def test_launch_mistakes_are_one_line(tmp_path):
     """A rendezvous that times out or that nobody answers, sbatch and local shapes that do
-    not fit: one line each, exit 2, no traceback."""
+    not fit: one line each, exit 2, no traceback. A rank that fails under `dist-train
+    torchrun`: the agent's closing line names it, exit 1."""
     port = _port()
     sets = ["--set", f"run.dir={tmp_path}"]
     cases = [
@@ -191,6 +192,11 @@ def test_launch_mistakes_are_one_line(tmp_path):
          "--min-nodes 3: must be between 1 and --nodes 2"),
         (["local", "--nproc", "3", "--nodes", "2", "configs/tiny.toml"], "--nodes 2: must divide --nproc 3"),
     ]
+    crash = run_cli("torchrun", "--nnodes=1", "--nproc-per-node=2", "configs/tiny.toml", *sets, "--set", "train.steps=3",
+                    "--set", 'fault.inject=["crash:rank=1,step=2"]', check=False)
+    assert crash.returncode == 1, crash.stderr[-3000:]
+    assert crash.stderr.strip().splitlines()[-1] == ("dist-train: 2 rank(s) on this node failed, first rank 1 (exit 13); "
+                                                     "its own message is above, its log under the run directory's logs/")
     for args, expected in cases:
         proc = run_cli(*args, check=False, timeout=120)
         err = proc.stderr.strip()
