@@ -81,8 +81,12 @@ class TrainSection:
     optimizer: str = _f("adamw", "optimizer: AdamW (betas, weight decay decoupled) or plain SGD (momentum)",
                         choices=("adamw", "sgd"))
     lr: float = _f(3e-3, "peak learning rate", min=0.0)
-    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr (cosine decay)", min=0.0, max=1.0)
+    schedule: str = _f("cosine", "lr after warm-up: cosine or linear decay to min_lr_ratio, constant, or wsd "
+                       "(stable, then linear decay over the last decay_ratio of steps)",
+                       choices=("cosine", "wsd", "linear", "constant"))
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of lr", min=0.0, max=1.0)
     warmup: int = _f(5, "linear warm-up steps", min=0)
+    decay_ratio: float = _f(0.2, "wsd: the fraction of train.steps at the end that decays", min=0.0, max=1.0)
     weight_decay: float = _f(0.1, "weight decay on matrices (AdamW: decoupled; SGD: L2)", min=0.0)
     beta1: float = _f(0.9, "AdamW beta1", min=0.0, max=1.0)
     beta2: float = _f(0.95, "AdamW beta2", min=0.0, max=1.0)
@@ -356,6 +360,10 @@ def _validate(cfg: Config) -> None:
     if t.global_batch % t.micro_batch:
         raise ConfigError(f"train.global_batch = {t.global_batch} is not divisible by train.micro_batch = "
                           f"{t.micro_batch}; make global_batch a multiple of micro_batch")
+    if t.schedule == "wsd" and t.warmup + round(t.decay_ratio * t.steps) > t.steps:
+        raise ConfigError(f"train.warmup = {t.warmup} plus the wsd decay (train.decay_ratio = {t.decay_ratio:g} of "
+                          f"{t.steps} steps = {round(t.decay_ratio * t.steps)}) exceed train.steps = {t.steps}; "
+                          "lower train.warmup or train.decay_ratio")
     if cfg.parallel.dp_shard == 0:
         raise ConfigError("parallel.dp_shard = 0: use a positive degree or -1 for every rank the others leave")
     r = cfg.checkpoint.resume
@@ -386,3 +394,20 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"elastic.lighthouse = {e.lighthouse!r}: expected HOST:PORT, e.g. 127.0.0.1:29510")
     if not cfg.run.name or "/" in cfg.run.name or cfg.run.name in (".", ".."):
         raise ConfigError(f"run.name = {cfg.run.name!r}: must be a plain folder name, e.g. 'tiny-1'")
+
+
+def config_table() -> str:
+    """Every config key as the README's markdown table (tests/test_config.py keeps the
+    README equal to it; regenerate with `python -m dist_train.config`)."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            meta = f.metadata
+            help_ = meta["help"] + (f" ({', '.join(map(str, meta['choices']))})" if meta.get("choices") else "")
+            rows.append(f"| `{section}.{f.name}` | `{default!r}` | {help_.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(config_table(), end="")

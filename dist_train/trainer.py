@@ -9,7 +9,6 @@ layout-independently, then train.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
 import time
@@ -40,6 +39,7 @@ from .failures import PeerLost, peer_lost
 from .layout import preflight
 from .metrics import GatheredStats, MetricsLog, MetricsWriter, StepStats, peak_memory_bytes
 from .model import ModelArgs, count_params
+from .schedules import lr_factor
 from .parallelize import diloco_fragments, parallelize
 
 # mesh groups whose traffic metrics report by name (`comm_by_dim`); others count as "other"
@@ -66,10 +66,7 @@ def lr_lambda(cfg: Config):
     t = cfg.train
 
     def fn(step: int) -> float:  # step = optimizer steps already taken
-        if t.warmup and step < t.warmup:
-            return (step + 1) / t.warmup
-        progress = min(1.0, (step - t.warmup) / max(1, t.steps - t.warmup))
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return lr_factor(t.schedule, step, t.steps, t.warmup, t.min_lr_ratio, t.decay_ratio)
 
     return fn
 

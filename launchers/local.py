@@ -63,11 +63,7 @@ class LocalJob:
         self.nproc, self.nodes, self.max_restarts = nproc, nodes, max_restarts
         self.port, self.run_id = free_port(), f"local-{uuid.uuid4().hex[:8]}"
         self.worker_args = worker_args(config_path, overrides, runs_file)
-        self.watcher = None
-        if plan is not None and (plan.c4 or plan.sigstops):
-            from dist_train.fault.watcher import Watcher
-
-            self.watcher = Watcher(None, nproc, sigstops=list(plan.sigstops))
+        self.watcher = launch_watcher(plan, nproc)
 
     @property
     def findings(self) -> list[dict]:
@@ -161,6 +157,16 @@ class LocalJob:
         if any(a.exitcode for a in agents):
             raise UserError(f"the job failed on {sum(1 for a in agents if a.exitcode)} of {self.nodes} "
                             "simulated nodes")
+
+
+def launch_watcher(plan: LaunchPlan | None, world: int):
+    """The C4 watcher a launcher hosts for `plan` (None when C4 is off and no drill sends
+    SIGSTOPs); its store is attached once the job's store is up."""
+    if plan is None or not (plan.c4 or plan.sigstops):
+        return None
+    from dist_train.fault.watcher import Watcher
+
+    return Watcher(None, world, sigstops=list(plan.sigstops))
 
 
 def worker_args(config_path: str | None, overrides: list[str], runs_file: str | None) -> tuple[str, ...]:

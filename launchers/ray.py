@@ -44,6 +44,7 @@ from pathlib import Path
 
 from dist_train.errors import UserError
 from dist_train.fault.wire import DETECTOR_ENV, STORE_ENV, key
+from dist_train.launchers.local import launch_watcher
 from dist_train.layout import LaunchPlan
 
 SOCKET_DIR_MAX = 40  # Ray's session sockets sit ~62 characters below its temp dir; AF_UNIX allows 107
@@ -67,11 +68,7 @@ class RayJob:
         self.worker_args, self.workers, self.ray_dir = tuple(worker_args), workers, Path(ray_dir)
         self.address, self.cpus, self.gpus, self.max_failures = address, cpus_per_worker, gpus_per_worker, max_failures
         self.job_id = f"ray-{uuid.uuid4().hex[:8]}"
-        self.watcher = None
-        if plan is not None and (plan.c4 or plan.sigstops):
-            from dist_train.fault.watcher import Watcher
-
-            self.watcher = Watcher(None, workers, sigstops=list(plan.sigstops))
+        self.watcher = launch_watcher(plan, workers)
 
     @property
     def findings(self) -> list[dict]:

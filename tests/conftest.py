@@ -77,6 +77,15 @@ def run_cli(*args: str, timeout: float = 300, check: bool = True, env: dict | No
     return proc
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a rendezvous or a Ray head a test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

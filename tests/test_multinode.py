@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, read_metrics, run_cli, runs_file, sweep
+from tests.conftest import REPO, free_port, read_metrics, run_cli, runs_file, sweep
 from tests.equivalence import assert_values_match
 
 MOE = {"model.ffn_dim": 64, "model.moe_experts": 8, "model.moe_top_k": 2, "model.moe_every": 1,
@@ -25,11 +24,6 @@ LAYOUTS = {"dp_shard": {}, "tp2": {"parallel.tp": 2}, "pp2": {"parallel.pp": 2},
            "ep4_hier": {**MOE, "parallel.ep": 4, "parallel.a2a": "hierarchical"}}
 TOKENS = 16 * 128  # global batch x seq_len: the tokens one step's loss averages
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _torchrun(node: int, nnodes: str, port: int, *train_args: str, extra: tuple[str, ...] = ()) -> subprocess.Popen:
@@ -48,7 +42,7 @@ def test_two_torchrun_agents_train_like_simulated_nodes(tmp_path):
     common = {"train.steps": 4, "checkpoint.every": 100}
     (tmp_path / "torchrun").mkdir()
     spec = runs_file(tmp_path / "torchrun", LAYOUTS, common)
-    port = _port()
+    port = free_port()
     agents = [_torchrun(i, "2", port, "configs/tiny.toml", "--runs", str(spec)) for i in range(2)]
     outs = [a.communicate(timeout=600)[0] for a in agents]
     assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-3000:] for o in outs)
@@ -124,7 +118,7 @@ def test_sbatch_script_loses_a_node_then_grows_back(tmp_path):
     the smaller world; a node started again grows the world back at the next restart. Every
     step is recorded once, and the losses are those of an uninterrupted run (same global batch,
     so the same samples in the same order)."""
-    steps, port, run_dir = 90, _port(), tmp_path / "job"  # long enough for the node to come back
+    steps, port, run_dir = 90, free_port(), tmp_path / "job"  # long enough for the node to come back
     sets = [f"run.dir={tmp_path}", "run.name=job", f"train.steps={steps}", "checkpoint.every=5",
             "metrics.progress=false", "metrics.report=false"]
     script = run_cli("sbatch", "configs/tiny.toml", "--nodes", "2", "--min-nodes", "1", "--procs-per-node", "2",
@@ -176,7 +170,7 @@ def test_launch_mistakes_are_one_line(tmp_path):
     """A rendezvous that times out or that nobody answers, sbatch and local shapes that do
     not fit: one line each, exit 2, no traceback. A rank that fails under `dist-train
     torchrun`: the agent's closing line names it, exit 1."""
-    port = _port()
+    port = free_port()
     sets = ["--set", f"run.dir={tmp_path}"]
     cases = [
         (["torchrun", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import read_metrics, run_cli, runs_file, sweep
+from tests.conftest import free_port, read_metrics, run_cli, runs_file, sweep
 from tests.equivalence import assert_values_match
 
 pytest.importorskip("ray.train")
@@ -91,24 +90,19 @@ def test_ray_trains_like_local_and_survives_a_killed_worker(tmp_path):
     assert (tmp_path / "ray" / "dense" / "ray" / "session").is_dir(), "Ray's session files under the run directory"
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_ray_launch_mistakes_are_one_line(tmp_path):
     """Nothing at --address; more workers than the cluster's CPUs (a 2-CPU `ray start --head`
     started here); a malformed address: one line each, exit 2."""
     sets = ["--set", f"run.dir={tmp_path}"]
-    proc = run_cli("ray", "configs/tiny.toml", "--workers", "2", "--address", f"127.0.0.1:{_port()}", *sets,
+    proc = run_cli("ray", "configs/tiny.toml", "--workers", "2", "--address", f"127.0.0.1:{free_port()}", *sets,
                    check=False)
     assert proc.returncode == 2 and "nothing answers there" in proc.stderr, proc.stderr[-3000:]
     proc = run_cli("ray", "configs/tiny.toml", "--workers", "2", "--address", "nohost", *sets, check=False)
     assert proc.returncode == 2 and "expected auto or HOST:PORT" in proc.stderr, proc.stderr[-3000:]
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # Ray's sockets need a short path
-    port = _port()
+    port = free_port()
     env = {**os.environ, "HOME": str(tmp_path), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     ray_bin = str(Path(sys.executable).with_name("ray"))
     head = subprocess.run([ray_bin, "start", "--head", "--num-cpus", "2", "--port", str(port), "--temp-dir", str(temp),
