@@ -42,6 +42,8 @@ def write_report(run_dir: Path) -> Path:
 
     plot("loss", {"loss": [r["loss"] for r in records]}, "loss")
     plot("throughput", {"tokens/s": [r["tokens_per_s"] for r in records]}, "tokens/s")
+    if any(r.get("mfu") is not None for r in records):  # n/a (null) off the peak-FLOPs table, e.g. CPUs
+        plot("mfu", {"MFU": [r.get("mfu") if r.get("mfu") is not None else float("nan") for r in records]}, "MFU")
     comm = {k: [r.get("comm", {}).get(k, {}).get("bytes", 0) for r in records] for k in COMM_KINDS}
     comm = {k: v for k, v in comm.items() if any(v)}
     if comm:

@@ -38,7 +38,8 @@ from .distributed import RankEnv, init_distributed, pick_device
 from .failures import PeerLost, peer_lost
 from .layout import preflight
 from .metrics import GatheredStats, MetricsLog, MetricsWriter, StepStats, peak_memory_bytes
-from .model import ModelArgs, count_params
+from .mfu import device_name, mfu, peak_flops
+from .model import ModelArgs, count_params, flops_per_token
 from .schedules import lr_factor
 from .parallelize import diloco_fragments, parallelize
 
@@ -133,6 +134,8 @@ class Trainer:
         cfg = self.cfg
         self.args = ModelArgs.from_config(cfg.model, cfg.data.seq_len, self.dataset.vocab_size)
         self.dtype = compute_dtype(cfg, self.device)
+        self.flops_per_token = flops_per_token(self.args, cfg.data.seq_len)
+        self.peak_flops = peak_flops(device_name(self.device), self.dtype)  # None (MFU n/a) off the table
         self.par = parallelize(self.args, cfg, self.dims, self.mesh, self.device,
                                param_dtype=self.dtype if self.dtype != torch.float32 else None,
                                n_micro=self.sampler.num_micro_batches)
@@ -357,6 +360,7 @@ class Trainer:
             "lr": local["lr"],
             "tokens": tokens * step,
             "tokens_per_s": tokens / step_time,
+            "mfu": mfu(tokens / step_time, self.flops_per_token, self.dims.world_size, self.peak_flops),
             "grad_norm": local["grad_norm"],
             "step_time_s": step_time,
             "peak_memory_bytes": int(g.column("peak_memory_bytes").max()),

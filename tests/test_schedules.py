@@ -47,3 +47,4 @@ def test_wsd_run_extended_by_resuming_continues_its_stable_phase(tmp_path):
         assert r["lr"] == pytest.approx(0.01 * lr_factor("wsd", r["step"], steps, 2, 0.1, decay), rel=1e-12), r["step"]
     assert [r["lr"] for r in records[8:15]] == [pytest.approx(0.01)] * 7
     assert records[-1]["lr"] == pytest.approx(0.001)
+    assert all(r["mfu"] is None for r in records), "a CPU has no peak FLOPs: MFU n/a, not a made-up figure"
