@@ -72,6 +72,12 @@ def check_layout(cfg: Config, world_size: int, local_world_size: int | None = No
     dims = ParallelDims.resolve(world_size, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard,
                                 tp=p.tp, pp=p.pp, ep=p.ep, diloco=cfg.diloco.replicas)
     _check_moe(cfg, dims, local_world_size)
+    if tokenizer_vocab and cfg.model.vocab_size and cfg.model.vocab_size < tokenizer_vocab:
+        source = "model.init_from's config.json" if cfg.model.init_from else "model.vocab_size"
+        raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} (from {source}) is smaller than the data's "
+                          f"vocabulary of {tokenizer_vocab} ids (data.tokenizer = {cfg.data.tokenizer!r}): some token "
+                          "ids would have no embedding row; use the tokenizer the model was trained with, or a "
+                          "larger model.vocab_size")
     if dims.tp > 1:
         _check_tp(cfg, dims.tp, tokenizer_vocab)
     t = cfg.train

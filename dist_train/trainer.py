@@ -139,6 +139,11 @@ class Trainer:
                                param_dtype=self.dtype if self.dtype != torch.float32 else None,
                                n_micro=self.sampler.num_micro_batches)
         self.model = self.par.view
+        if cfg.model.init_from:  # pretrained weights over the seeded init, into this layout's shards
+            from .interop.hf_import import load_hf_weights
+
+            with self.recorder.paused():
+                load_hf_weights(self.model, cfg.model.init_from, self.args)
         # scaled like the loss: by 1 / micro-batches here, or by the pipeline schedule after backward
         pipelined = self.par.schedule is not None
         moe.set_aux_grad_scale(self.par.parts, 1.0 if pipelined else 1.0 / self.sampler.num_micro_batches,
