@@ -1,4 +1,4 @@
-"""The `dist-train` command: train, local, lighthouse, prepare, verify, report, drill.
+"""The `dist-train` command: train, local, lighthouse, prepare, export, verify, report, drill.
 
 User mistakes (bad config, bad data, impossible layout) end in one line naming the field
 and the fix, exit code 2 — never a traceback.
@@ -55,6 +55,19 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     sp.add_argument("--verify", action="store_true", help="re-read every shard written and check its full CRC32")
+    sp = sub.add_parser("export", help="turn a run's checkpoint into HF safetensors (config.json + *.safetensors, "
+                                       "transformers' from_pretrained loads it) or one torch file")
+    sp.add_argument("run_dir", help="the run directory (runs/<name>: config.toml and checkpoints/)")
+    sp.add_argument("--step", type=int, help="the checkpoint of this step (default: checkpoints/latest)")
+    sp.add_argument("--format", choices=("hf", "torch"), default="hf",
+                    help="hf: LlamaForCausalLM (MoE: MixtralForCausalLM) safetensors; torch: one model.pt")
+    sp.add_argument("--out", required=True, help="output folder (created; refused if it exists and is not empty)")
+    sp.add_argument("--replica", type=int, help="DiLoCo runs: export this replica's own parameters instead of the "
+                                                "global (outer) ones")
+    sp.add_argument("--dtype", help="write the weights as fp32, bf16 or fp16 (default: as saved)")
+    sp.add_argument("--max-shard-size", default="5GB", help="HF: split the safetensors into files of at most this "
+                                                              "size, with an index file (default 5GB)")
+    sp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     sp = sub.add_parser("verify", help="fully check shard folders and checkpoints (every file's CRC32)")
     sp.add_argument("paths", nargs="+", help="a shard folder (index.json), a checkpoint (step-NNNNNN), a run's "
                                              "checkpoints/ folder or a run directory")
@@ -128,6 +141,10 @@ def run(argv: list[str] | None = None) -> None:
         from dist_train.launchers.replicas import lighthouse_command
 
         lighthouse_command(args.bind, args.min_replicas, args.join_timeout_s, args.heartbeat_timeout_s)
+    elif args.command == "export":
+        from .interop.export import export_command
+
+        export_command(args)
     elif args.command == "verify":
         from .verify import verify_command
 
