@@ -75,7 +75,10 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    source: str = _f("bundled", "'bundled' (the stdlib corpus) or a folder made by `dist-train prepare`")
+    source: str = _f("bundled", "'bundled' (the stdlib corpus), a folder made by `dist-train prepare`, "
+                     "'megatron:PREFIX' (Megatron-LM's PREFIX.bin + .idx), or 'parquet:GLOB' / 'jsonl:GLOB' (text "
+                     "files, e.g. a local copy of a Hub dataset, tokenised once into the cache)")
+    text_field: str = _f("text", "parquet:/jsonl: sources: the column or field holding the text")
     tokenizer: str = _f("byte", "'byte' or the path of a HF tokenizer.json")
     seq_len: int = _f(128, "tokens per sample", min=2)
     cache_dir: str = _f("", "where the bundled corpus is prepared; empty = ~/.cache/dist-train")

@@ -102,7 +102,7 @@ class Trainer:
         self.mesh, self.batch_mesh = self.dims.build_mesh(self.device.type)
         name_mesh_groups(self.mesh)
         kernels.set_default_backend(cfg.kernels.backend)
-        self.dataset = TokenDataset(shard_dir, cfg.data.seq_len)
+        self.dataset = TokenDataset(shard_dir, cfg.data.seq_len, tokenizer=cfg.data.tokenizer)
         self.n_train = len(self.dataset) - self._held_out()
         # each rank fully checks every world-th shard once, while training runs
         n_shards = len(self.dataset.shards.paths)
@@ -126,7 +126,8 @@ class Trainer:
     def _prepare_data(self) -> str:
         """One rank prepares the bundled corpus (if needed); the others wait, then read."""
         d = self.cfg.data
-        box = [str(ensure_prepared(d.source, d.cache_dir or None, d.tokenizer)) if self.rank == 0 else None]
+        box = [str(ensure_prepared(d.source, d.cache_dir or None, d.tokenizer, text_field=d.text_field))
+               if self.rank == 0 else None]
         with self.recorder.paused():
             dist.broadcast_object_list(box, src=0)
         return box[0]

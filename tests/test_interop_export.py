@@ -77,7 +77,7 @@ def held_out(run_dir: Path):
 
     cfg = load_config(run_dir / "config.toml", [])
     ds = TokenDataset(ensure_prepared(cfg.data.source, cfg.data.cache_dir or None, cfg.data.tokenizer),
-                      cfg.data.seq_len)
+                      cfg.data.seq_len, cfg.data.tokenizer)
     n = cfg.eval.batches * cfg.train.global_batch
     return ds.batch(range(len(ds) - n, len(ds)))
 
