@@ -10,14 +10,13 @@ shards with their offsets in the whole tensor) becomes
 - `--format torch`: one consolidated `model.pt` (dist-train's parameter names, for
   `Transformer(args).load_state_dict`), with the run's config.toml beside it.
 
-Streaming: no process group; each tensor is read in row blocks that follow the blocks the
-checkpoint stored (an FSDP or expert shard is a block of rows; a tensor whose stored
-chunks are column blocks, under tp, is read whole) through DCP's FileSystemReader with a
-planner that asks for just those rows, and each block is written at once to its place in
-the output. So exporting needs memory for about two stored chunks, not the model
-(bench/export.py measures it). The checkpoint's manifest is verified first (sizes and
-CRC32), and the output is built in a hidden sibling folder and renamed into place, so a
-failed export leaves nothing half-written under --out.
+Streaming: no process group; each tensor is read in blocks of rows (at most BLOCK_BYTES),
+none crossing a stored chunk's edge, straight from the chunks' bytes in the .distcp files
+(`ChunkReader`; row chunks under FSDP or ep, column chunks under tp), and each block is
+written at once to its place in the output. So exporting needs memory for one block (two
+for column chunks), not the model (bench/export.py measures it). The checkpoint's
+manifest is verified first (sizes and CRC32), and the output is built in a hidden sibling
+folder and renamed into place, so a failed export leaves nothing half-written under --out.
 
 Which parameters: a plain run's checkpoint holds them under `model.`; a DiLoCo run's under
 `replica<r>.model.` (each replica's own, which drift apart between outer steps) and
@@ -27,6 +26,8 @@ Export takes `diloco.global.` by default, or replica R's with `--replica R`.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import io
 import json
 import os
 import shutil
@@ -89,12 +90,6 @@ def find_checkpoint(run_dir: Path, step: int | None) -> Path:
     return steps[-1]
 
 
-def _metadata(ckpt: Path):
-    import torch.distributed.checkpoint as dcp
-
-    return dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
-
-
 def choose_source(keys, replica: int | None) -> str:
     """The key prefix of the parameters to export (module docstring)."""
     if replica is not None:
@@ -146,45 +141,166 @@ def run_args(run_dir: Path, shapes: dict[str, tuple[int, ...]]):
 # ----------------------------------------------------------------------------- reading rows
 
 
-def row_blocks(md) -> list[tuple[int, int]]:
-    """(first row, rows) blocks following the stored chunks when they are blocks of whole
-    rows; the whole tensor otherwise."""
+BLOCK_BYTES = 64 * 2**20  # the most bytes one block read from a stored chunk holds
+
+
+def row_blocks(md, max_bytes: int = BLOCK_BYTES) -> list[tuple[int, int]]:
+    """(first row, rows) blocks of at most max_bytes each (at least one row), none of them
+    crossing a stored chunk's first or last row, so every stored chunk holds all of a
+    block's rows or none."""
     size = tuple(md.size)
-    rows = size[0] if size else 1
-    whole_rows = all(tuple(c.offsets[1:]) == (0,) * (len(size) - 1) and tuple(c.sizes[1:]) == size[1:]
-                     for c in md.chunks)
-    if not size or not whole_rows:
-        return [(0, rows)]
-    cuts = sorted({0, rows} | {int(c.offsets[0]) for c in md.chunks} | {int(c.offsets[0] + c.sizes[0]) for c in md.chunks})
-    return [(a, b - a) for a, b in zip(cuts, cuts[1:]) if b > a]
+    if not size:
+        return [(0, 1)]
+    step = max(1, max_bytes // _nbytes(size[1:], md.properties.dtype))
+    cuts = sorted({0, size[0]} | {int(c.offsets[0]) for c in md.chunks}
+                  | {int(c.offsets[0] + c.sizes[0]) for c in md.chunks})
+    return [(r, min(step, b - r)) for a, b in zip(cuts, cuts[1:]) for r in range(a, b, step)]
 
 
-def read_rows(ckpt: Path, key: str, md, row0: int, rows: int) -> torch.Tensor:
-    """Rows [row0, row0 + rows) of checkpoint tensor `key`, reading only the stored chunks
-    that overlap them."""
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
+@functools.cache
+def _rows_planner():
+    """A DCP load planner class reading rows [row0, row0 + rows) of one tensor into a
+    block. It is made once (cached), not per call: a class made per call, closing
+    over its block, lives in a reference cycle until the garbage collector runs, and so
+    would its block."""
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
     from torch.distributed.checkpoint.planner import LoadPlan
     from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-    size = tuple(md.size)
-    block = torch.empty((rows, *size[1:]) if size else (), dtype=md.properties.dtype)
+    class RowsPlanner(DefaultLoadPlanner):
+        def __init__(self, key: str, md, row0: int, block: torch.Tensor):
+            super().__init__()
+            self.key, self.md, self.row0, self.block = key, md, row0, block
 
-    class Rows(DefaultLoadPlanner):
         def create_local_plan(self):
-            offsets = torch.Size([row0] + [0] * (len(size) - 1)) if size else torch.Size([])
-            return LoadPlan(create_read_items_for_chunk_list(key, md, [ChunkStorageMetadata(offsets, block.shape)]))
+            offsets = torch.Size([self.row0] + [0] * (self.block.dim() - 1))
+            chunk = ChunkStorageMetadata(offsets, self.block.shape)
+            return LoadPlan(create_read_items_for_chunk_list(self.key, self.md, [chunk]))
 
         def resolve_tensor(self, item):
-            return block[tuple(slice(o, o + n) for o, n in zip(item.dest_offsets, item.lengths))]
+            return self.block[tuple(slice(o, o + n) for o, n in zip(item.dest_offsets, item.lengths))]
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({key: block}, storage_reader=dcp.FileSystemReader(str(ckpt)), planner=Rows(), no_dist=True)
-    return block
+    return RowsPlanner
+
+
+class _FileSlice(io.RawIOBase):
+    """Bytes [start, start + length) of an open file, as a file of their own (one stored
+    chunk of a .distcp file: a torch.save blob)."""
+
+    def __init__(self, f, start: int, length: int):
+        super().__init__()
+        self._f, self._start, self._len, self._pos = f, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._len}[whence]
+        self._pos = min(max(base + pos, 0), self._len)
+        return self._pos
+
+    def readinto(self, buf) -> int:
+        n = min(len(buf), self._len - self._pos)
+        if n <= 0:
+            return 0
+        self._f.seek(self._start + self._pos)
+        got = self._f.readinto(memoryview(buf)[:n])
+        self._pos += got
+        return got
+
+
+class ChunkReader:
+    """Blocks of rows of a DCP checkpoint's tensors, without a process group.
+
+    DCP stores each chunk (an FSDP or expert shard: a block of rows; under tp also a block
+    of columns) as a torch.save blob inside a .distcp file: a zip whose one storage record
+    holds the chunk's bytes, uncompressed, row-major. So a block's rows are a contiguous
+    byte range of every chunk holding them, read straight into the block (through a
+    buffer of the chunk's width for a column chunk). The blob's pickle, loaded onto the
+    meta device, reads no data and says the chunk is contiguous. A block costs its own
+    bytes (twice for column chunks), whatever the size of the chunks. Only a blob DCP
+    transformed (or one not laid out so) goes through `dcp.load` with a planner asking
+    for the block's rows: the block plus one stored chunk at a time."""
+
+    def __init__(self, ckpt: Path):
+        import torch.distributed.checkpoint as dcp
+
+        self.ckpt = Path(ckpt)
+        meta = dcp.FileSystemReader(str(ckpt)).read_metadata()
+        self.tensors, self.storage = meta.state_dict_metadata, meta.storage_data
+        self._records: dict[tuple[str, int], tuple[Path, int] | None] = {}
+
+    def rows(self, key: str, row0: int, rows: int) -> torch.Tensor:
+        """Rows [row0, row0 + rows) of checkpoint tensor `key` (a `row_blocks` block)."""
+        md = self.tensors[key]
+        size = tuple(md.size)
+        if not size:
+            raise AssertionError(f"{key}: a 0-d tensor is no model parameter")
+        block = torch.empty((rows, *size[1:]), dtype=md.properties.dtype)
+        pieces = []  # (chunk, its raw record) of every chunk holding these rows
+        for i, c in enumerate(md.chunks):
+            c0, cn = int(c.offsets[0]), int(c.sizes[0])
+            if c0 < row0 + rows and row0 < c0 + cn and all(c.sizes):
+                record = self._record(key, i)
+                if record is None or not (c0 <= row0 and row0 + rows <= c0 + cn):
+                    return self._via_dcp(key, md, row0, block)
+                pieces.append((c, record))
+        for c, (path, start) in pieces:
+            offset = start + (row0 - int(c.offsets[0])) * _nbytes(tuple(c.sizes[1:]), block.dtype)
+            if tuple(c.sizes[1:]) == size[1:]:
+                _read_into(path, offset, block)  # the chunk has whole rows: read them in place
+            else:  # a column block (tp): its rows are contiguous in the chunk, not in the block
+                part = torch.empty((rows, *c.sizes[1:]), dtype=block.dtype)
+                _read_into(path, offset, part)
+                block[(slice(None), *(slice(o, o + n) for o, n in zip(c.offsets[1:], c.sizes[1:])))].copy_(part)
+                del part
+        return block
+
+    def _record(self, key: str, i: int) -> tuple[Path, int] | None:
+        """(file, byte offset) of the bytes of chunk i of `key`, when they are stored raw."""
+        if (key, i) not in self._records:
+            self._records[key, i] = self._find_record(key, self.tensors[key], self.tensors[key].chunks[i])
+        return self._records[key, i]
+
+    def _find_record(self, key: str, md, chunk) -> tuple[Path, int] | None:
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        info = self.storage.get(MetadataIndex(key, chunk.offsets))
+        if info is None or getattr(info, "transform_descriptors", None):
+            return None  # a transformed (e.g. compressed) blob: DCP's reader undoes the transform
+        path = self.ckpt / info.relative_path
+        with open(path, "rb") as f:
+            blob = io.BufferedReader(_FileSlice(f, info.offset, info.length), 1 << 16)
+            meta = torch.load(blob, map_location="meta", weights_only=True)
+            if (not isinstance(meta, torch.Tensor) or tuple(meta.shape) != tuple(chunk.sizes)
+                    or meta.dtype != md.properties.dtype or not meta.is_contiguous() or meta.storage_offset() != 0):
+                return None
+            records = _zip_records(blob)
+        want = meta.numel() * meta.element_size()
+        data = [(start, n) for name, (start, n) in records.items() if Path(name).parent.name == "data"]
+        if len(data) != 1 or data[0][1] != want:
+            return None
+        return path, info.offset + data[0][0]
+
+    def _via_dcp(self, key: str, md, row0: int, block: torch.Tensor) -> torch.Tensor:
+        import warnings
+
+        import torch.distributed.checkpoint as dcp
+
+        planner = _rows_planner()(key, md, row0, block)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({key: block}, storage_reader=dcp.FileSystemReader(str(self.ckpt)), planner=planner,
+                     no_dist=True)
+        planner.block = planner.state_dict = planner.original_state_dict = None
+        return block
 
 
 # ----------------------------------------------------------------------------- the command
@@ -241,7 +357,8 @@ def export(run_dir: str | Path, out: str | Path, fmt: str = "hf", *, step: int |
         verify(ckpt)
     except CheckpointError as e:
         raise InteropError(f"export: {e}; export an earlier checkpoint with --step") from None
-    meta = _metadata(ckpt)
+    reader = ChunkReader(ckpt)
+    meta = reader.tensors
     prefix = choose_source(meta.keys(), replica)
     mds = {k[len(prefix):]: md for k, md in meta.items() if k.startswith(prefix)}
     cfg, args, names = run_args(run_dir, {n: tuple(md.size) for n, md in mds.items()})
@@ -249,9 +366,9 @@ def export(run_dir: str | Path, out: str | Path, fmt: str = "hf", *, step: int |
     tmp = _staging(out, overwrite)
     try:
         if fmt == "hf":
-            files, n, nbytes = _write_hf(tmp, ckpt, prefix, mds, names, cfg, args, dtype, max_bytes)
+            files, n, nbytes = _write_hf(tmp, reader, prefix, mds, names, cfg, args, dtype, max_bytes)
         else:
-            files, n, nbytes = _write_torch(tmp, ckpt, prefix, mds, names, dtype)
+            files, n, nbytes = _write_torch(tmp, reader, prefix, mds, names, dtype)
             shutil.copyfile(run_dir / "config.toml", tmp / "config.toml")
             files.append("config.toml")
         _publish(tmp, out)
@@ -270,7 +387,7 @@ def _eos_id(cfg) -> int | None:
         return None
 
 
-def _write_hf(tmp: Path, ckpt: Path, prefix: str, mds, names, cfg, args, dtype, max_bytes):
+def _write_hf(tmp: Path, reader: ChunkReader, prefix: str, mds, names, cfg, args, dtype, max_bytes):
     saved = mds[names[0]].properties.dtype
     out_dtype = _out_dtype(dtype, saved)
     make = mixtral_config if args.moe_experts else llama_config
@@ -285,7 +402,7 @@ def _write_hf(tmp: Path, ckpt: Path, prefix: str, mds, names, cfg, args, dtype, 
     for name in names:
         md = mds[name]
         for row0, rows in row_blocks(md):
-            block = read_rows(ckpt, prefix + name, md, row0, rows).to(out_dtype)
+            block = reader.rows(prefix + name, row0, rows).to(out_dtype)
             for hf, e in targets[name]:
                 if e is None:
                     writer.write(hf, block)
@@ -298,7 +415,7 @@ def _write_hf(tmp: Path, ckpt: Path, prefix: str, mds, names, cfg, args, dtype, 
     return ["config.json", *files, *extra], len(entries), sum(e.nbytes for e in entries)
 
 
-def _write_torch(tmp: Path, ckpt: Path, prefix: str, mds, names, dtype):
+def _write_torch(tmp: Path, reader: ChunkReader, prefix: str, mds, names, dtype):
     """model.pt: the skeleton is saved without data (torch.serialization.skip_data: every
     storage gets its place in the file, empty), then each block's bytes are written at its
     storage's offset. The tensors handed to the skeleton are never touched (torch.empty),
@@ -317,7 +434,7 @@ def _write_torch(tmp: Path, ckpt: Path, prefix: str, mds, names, dtype):
             md = mds[name]
             row_bytes = _nbytes(tuple(md.size)[1:], dtypes[name])
             for row0, rows in row_blocks(md):
-                block = read_rows(ckpt, prefix + name, md, row0, rows).to(dtypes[name]).contiguous()
+                block = reader.rows(prefix + name, row0, rows).to(dtypes[name]).contiguous()
                 f.seek(offset + row0 * row_bytes)
                 f.write(memoryview(block.reshape(-1).view(torch.uint8).numpy()))
                 total += block.numel() * block.element_size()
@@ -334,22 +451,47 @@ def _nbytes(shape, dtype) -> int:
     return n * torch.empty((), dtype=dtype).element_size()
 
 
+def _zip_records(f) -> dict[str, tuple[int, int]]:
+    """{record name: (where its data starts, its size)} of the uncompressed records of a
+    zip file (torch.save's format: every record is stored). The data starts after the
+    record's local header: 30 bytes, its name and its extra field."""
+    out = {}
+    with zipfile.ZipFile(f) as z:
+        infos = [i for i in z.infolist() if i.compress_type == zipfile.ZIP_STORED]
+    for info in infos:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", f.read(4))
+        out[info.filename] = (info.header_offset + 30 + name_len + extra_len, info.file_size)
+    return out
+
+
+def _read_into(path: Path, offset: int, block: torch.Tensor) -> None:
+    """Fill `block` (contiguous) with the bytes of `path` from `offset` on."""
+    view = memoryview(block.reshape(-1).view(torch.uint8).numpy())
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        done = 0
+        while done < len(view):
+            got = f.readinto(view[done:])
+            if not got:
+                raise InteropError(f"export: {path} ends before the {len(view)} bytes at {offset}; "
+                                   "the checkpoint is truncated")
+            done += got
+
+
 def _storage_offsets(path: Path, tensors: list[torch.Tensor]) -> list[int]:
     """Where each tensor's bytes start in a torch.save zip file. torch numbers storages
     in the order it pickles them (here: the dict's order, one storage per tensor) and
-    stores each record uncompressed as `<archive>/data/<n>`; the data starts after the
-    record's local header (30 bytes, its name and its extra field)."""
-    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
-        records = {Path(i.filename).name: i for i in z.infolist() if Path(i.filename).parent.name == "data"}
-        offsets = []
-        for n, t in enumerate(tensors):
-            info = records.get(str(n))
-            want = t.numel() * t.element_size()
-            if info is None or info.file_size != want or info.compress_type != zipfile.ZIP_STORED:
-                raise AssertionError(f"{path}: storage record {n} is not the {want}-byte record expected")
-            f.seek(info.header_offset + 26)
-            name_len, extra_len = struct.unpack("<HH", f.read(4))
-            offsets.append(info.header_offset + 30 + name_len + extra_len)
+    stores each record uncompressed as `<archive>/data/<n>`."""
+    with open(path, "rb") as f:
+        records = {Path(name).name: r for name, r in _zip_records(f).items() if Path(name).parent.name == "data"}
+    offsets = []
+    for n, t in enumerate(tensors):
+        start, size = records.get(str(n), (None, None))
+        want = t.numel() * t.element_size()
+        if size != want:
+            raise AssertionError(f"{path}: storage record {n} is not the {want}-byte record expected")
+        offsets.append(start)
     return offsets
 
 
