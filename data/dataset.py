@@ -1,4 +1,4 @@
-"""Fixed-length training samples cut from a shard directory's token stream."""
+"""Fixed-length training samples cut from a token stream (shards, or a Megatron pair)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .shards import TokenShards
+from .sources import open_tokens
 
 
 class TokenDataset:
@@ -21,7 +21,9 @@ class TokenDataset:
     that does not fill a sample is unused. Samples may span shard boundaries.
     """
 
-    def __init__(self, shard_dir: str | Path, seq_len: int):
+    def __init__(self, shard_dir: str | Path, seq_len: int, tokenizer: str | None = None):
+        """`shard_dir`: what `ensure_prepared` returned (a shard folder, or `megatron:PREFIX`,
+        whose vocabulary is `tokenizer`'s: data/sources.py)."""
         try:
             n = operator.index(seq_len)
         except TypeError:
@@ -29,7 +31,7 @@ class TokenDataset:
         if n <= 0:
             raise DataError(f"data.seq_len must be a positive integer, got {seq_len!r}")
         seq_len = n
-        self.shards = TokenShards(shard_dir)
+        self.shards = open_tokens(shard_dir, tokenizer)
         self.dir = self.shards.dir
         self.seq_len = seq_len
         self.sample_tokens = seq_len + 1
@@ -45,7 +47,7 @@ class TokenDataset:
 
     @property
     def eos_id(self) -> int:
-        return self.shards.index.eos_id
+        return self.shards.eos_id
 
     @property
     def total_tokens(self) -> int:

@@ -42,13 +42,14 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def iter_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
-    """The documents of one file, chosen by its suffix."""
+def iter_documents(path: str | Path, text_field: str = "text", kind: str | None = None) -> Iterator[str]:
+    """The documents of one file, read as `kind` ("jsonl", "parquet", "text"), or chosen by
+    its suffix (a `jsonl:GLOB` source reads `*.json` files of JSON lines as JSONL)."""
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix in JSONL_SUFFIXES:
+    if kind == "jsonl" or (kind is None and suffix in JSONL_SUFFIXES):
         return _iter_jsonl(path, text_field)
-    if suffix in PARQUET_SUFFIXES:
+    if kind == "parquet" or (kind is None and suffix in PARQUET_SUFFIXES):
         return _iter_parquet(path, text_field)
     return _iter_text(path)
 

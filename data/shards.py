@@ -300,6 +300,14 @@ class TokenShards:
     def vocab_size(self) -> int:
         return self.index.vocab_size
 
+    @property
+    def eos_id(self) -> int:
+        return self.index.eos_id
+
+    def verify(self, k: int) -> None:
+        """The full check of shard k (`verify_shard`)."""
+        verify_shard(self, k)
+
     def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Tokens `[start, stop)` of the stream as int64, across shard boundaries.
 
@@ -360,7 +368,8 @@ class BackgroundVerifier:
     the trainer to stop on. zlib releases the GIL on large buffers, so the thread costs the
     training thread little (docs/benchmarks.md)."""
 
-    def __init__(self, shards: TokenShards, which: list[int]):
+    def __init__(self, shards, which: list[int]):
+        """`shards`: a TokenShards or MegatronTokens (anything with `verify(k)`)."""
         import threading
 
         self.shards, self.which = shards, list(which)
@@ -376,7 +385,7 @@ class BackgroundVerifier:
         t0 = time.perf_counter()
         for k in self.which:
             try:
-                verify_shard(self.shards, k)
+                self.shards.verify(k)
             except DataError as e:
                 self.failure, self.bad_shard = e, k
                 break

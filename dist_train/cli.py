@@ -1,4 +1,5 @@
-"""The `dist-train` command: train, local, ray, torchrun, sbatch, lighthouse, prepare, verify, report, drill.
+"""The `dist-train` command: train, local, ray, torchrun, sbatch, lighthouse, prepare, export, verify,
+report, drill.
 
 User mistakes (bad config, bad data, impossible layout) end in one line naming the field
 and the fix, exit code 2 — never a traceback.
@@ -74,13 +75,31 @@ def _parser() -> argparse.ArgumentParser:
                     help="wait this long for the last quorum's replicas before forming a smaller quorum")
     sp.add_argument("--heartbeat-timeout-s", type=float, default=5.0,
                     help="a replica silent this long has left")
-    sp = sub.add_parser("prepare", help="turn text / JSONL / Parquet files into token shards")
+    sp = sub.add_parser("prepare", help="turn text / JSONL / Parquet files into token shards (or a Megatron pair)")
     sp.add_argument("inputs", nargs="+", help="files or folders (.txt/.md/.py..., .jsonl, .parquet)")
-    sp.add_argument("--out", required=True, help="output folder for the shards")
+    sp.add_argument("--out", required=True, help="output folder for the shards (--format megatron: the path prefix)")
     sp.add_argument("--tokenizer", default="byte", help="'byte' or a HF tokenizer.json")
     sp.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
     sp.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     sp.add_argument("--verify", action="store_true", help="re-read every shard written and check its full CRC32")
+    sp.add_argument("--format", dest="shard_format", choices=("arrow", "parquet", "megatron"), default="arrow",
+                    help="arrow/parquet token shards in a folder, or Megatron-LM's PREFIX.bin + PREFIX.idx "
+                         "(--out is then the prefix)")
+    sp.add_argument("--append-eod", action="store_true",
+                    help="megatron: end each document with the tokenizer's eos, as preprocess_data.py --append-eod")
+    sp = sub.add_parser("export", help="turn a run's checkpoint into HF safetensors (config.json + *.safetensors, "
+                                       "transformers' from_pretrained loads it) or one torch file")
+    sp.add_argument("run_dir", help="the run directory (runs/<name>: config.toml and checkpoints/)")
+    sp.add_argument("--step", type=int, help="the checkpoint of this step (default: checkpoints/latest)")
+    sp.add_argument("--format", choices=("hf", "torch"), default="hf",
+                    help="hf: LlamaForCausalLM (MoE: MixtralForCausalLM) safetensors; torch: one model.pt")
+    sp.add_argument("--out", required=True, help="output folder (created; refused if it exists and is not empty)")
+    sp.add_argument("--replica", type=int, help="DiLoCo runs: export this replica's own parameters instead of the "
+                                                "global (outer) ones")
+    sp.add_argument("--dtype", help="write the weights as fp32, bf16 or fp16 (default: as saved)")
+    sp.add_argument("--max-shard-size", default="5GB", help="HF: split the safetensors into files of at most this "
+                                                              "size, with an index file (default 5GB)")
+    sp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     sp = sub.add_parser("verify", help="fully check shard folders and checkpoints (every file's CRC32)")
     sp.add_argument("paths", nargs="+", help="a shard folder (index.json), a checkpoint (step-NNNNNN), a run's "
                                              "checkpoints/ folder or a run directory")
@@ -150,7 +169,8 @@ def _prepare(args) -> None:
     from dist_train.data import prepare_command
 
     print(prepare_command(args.inputs, args.out, args.tokenizer, text_field=args.text_field,
-                          overwrite=args.overwrite, verify=args.verify).summary())
+                          overwrite=args.overwrite, verify=args.verify, shard_format=args.shard_format,
+                          append_eod=args.append_eod).summary())
 
 
 def run(argv: list[str] | None = None) -> None:
@@ -178,6 +198,10 @@ def run(argv: list[str] | None = None) -> None:
         from dist_train.launchers.replicas import lighthouse_command
 
         lighthouse_command(args.bind, args.min_replicas, args.join_timeout_s, args.heartbeat_timeout_s)
+    elif args.command == "export":
+        from .interop.export import export_command
+
+        export_command(args)
     elif args.command == "verify":
         from .verify import verify_command
 

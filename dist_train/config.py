@@ -50,6 +50,15 @@ class ModelSection:
     ffn_dim: int = _f(0, "SwiGLU hidden size; 0 = 8/3 x dim rounded up to a multiple of 64", min=0)
     tie_embeddings: bool = _f(False, "share the embedding and output head weights")
     rope_theta: float = _f(10000.0, "RoPE base", min=1.0)
+    rope_scaling: str = _f("none", "RoPE frequency scaling: none, or Llama 3's (rope_type 'llama3')",
+                           choices=("none", "llama3"))
+    rope_factor: float = _f(8.0, "llama3 RoPE scaling: how much slower the low frequencies turn", min=1.0)
+    rope_low_freq_factor: float = _f(1.0, "llama3 RoPE scaling: wavelengths above original_max_len / this "
+                                     "are scaled fully", min=0.0)
+    rope_high_freq_factor: float = _f(4.0, "llama3 RoPE scaling: wavelengths below original_max_len / this "
+                                      "are kept", min=0.0)
+    rope_original_max_len: int = _f(8192, "llama3 RoPE scaling: the context length the model was pretrained "
+                                    "with", min=1)
     norm_eps: float = _f(1e-5, "RMSNorm epsilon", min=0.0)
     init_std: float = _f(0.02, "std of the normal init of weight matrices", min=0.0)
     moe_experts: int = _f(0, "experts per MoE layer; 0 = dense model", min=0)
@@ -60,11 +69,16 @@ class ModelSection:
     moe_capacity_factor: float = _f(0.0, "expert capacity = factor x tokens x top_k / experts, extra copies "
                                          "dropped; 0 = dropless", min=0.0)
     moe_shared_expert: bool = _f(False, "add one always-on SwiGLU expert (ffn_dim wide) to every MoE layer")
+    init_from: str = _f("", "start from pretrained weights: 'hf:PATH' (a folder with config.json and *.safetensors "
+                        "as save_pretrained writes it); its config.json sets the model's shape; empty = random init")
 
 
 @dataclass
 class DataSection:
-    source: str = _f("bundled", "'bundled' (the stdlib corpus) or a folder made by `dist-train prepare`")
+    source: str = _f("bundled", "'bundled' (the stdlib corpus), a folder made by `dist-train prepare`, "
+                     "'megatron:PREFIX' (Megatron-LM's PREFIX.bin + .idx), or 'parquet:GLOB' / 'jsonl:GLOB' (text "
+                     "files, e.g. a local copy of a Hub dataset, tokenised once into the cache)")
+    text_field: str = _f("text", "parquet:/jsonl: sources: the column or field holding the text")
     tokenizer: str = _f("byte", "'byte' or the path of a HF tokenizer.json")
     seq_len: int = _f(128, "tokens per sample", min=2)
     cache_dir: str = _f("", "where the bundled corpus is prepared; empty = ~/.cache/dist-train")
@@ -316,8 +330,26 @@ def build_config(raw: dict, overrides: list[tuple[str, str, Any]] = ()) -> Confi
         setattr(cfg.model, key, value)
     for (section, key), value in flat.items():
         setattr(getattr(cfg, section), key, value)
+    if cfg.model.init_from:
+        _apply_init_from(cfg, flat)
     _validate(cfg)
     return cfg
+
+
+def _apply_init_from(cfg: Config, flat: dict) -> None:
+    """`model.init_from = "hf:PATH"`: its config.json fixes the model's shape (vocabulary
+    exactly, RoPE, norm eps; dist_train/interop/hf_config.py); a field set to something
+    else is refused, naming both."""
+    from .interop.hf_config import CONFIG, HF_KEY, model_fields, parse_init_from
+
+    folder = parse_init_from(cfg.model.init_from)
+    for key, value in model_fields(folder).items():
+        mine = flat.get(("model", key), value)
+        if mine != value:
+            raise ConfigError(f"model.{key} = {mine!r} conflicts with model.init_from: {folder / CONFIG} has "
+                              f"{HF_KEY.get(key, key)} = {value!r} (the pretrained weights fix the shape); remove "
+                              f"model.{key} from the config")
+        setattr(cfg.model, key, value)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
@@ -354,6 +386,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model.dim / model.n_heads = {m.dim // m.n_heads} is odd; RoPE needs an even head dim")
     if m.n_heads % m.n_kv_heads:
         raise ConfigError(f"model.n_kv_heads = {m.n_kv_heads} must divide model.n_heads = {m.n_heads}")
+    if m.rope_scaling == "llama3" and not m.rope_high_freq_factor > m.rope_low_freq_factor:
+        raise ConfigError(f"model.rope_high_freq_factor = {m.rope_high_freq_factor:g} must exceed "
+                          f"model.rope_low_freq_factor = {m.rope_low_freq_factor:g} (llama3 RoPE scaling interpolates "
+                          "between them)")
     if m.moe_experts and m.moe_top_k > m.moe_experts:
         raise ConfigError(f"model.moe_top_k = {m.moe_top_k} exceeds model.moe_experts = {m.moe_experts}; "
                           f"set model.moe_top_k <= {m.moe_experts}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dist_train.data import read_index
+from dist_train.data.sources import source_vocab_size
 from dist_train.parallel.dims import MeshError, ParallelDims
 from dist_train.parallel.pipeline import plan_stages
 
@@ -55,7 +55,7 @@ def preflight(cfgs: list[Config], nproc: int, nodes: int = 1, *,
     runs = []
     for i, cfg in enumerate(cfgs):
         shard_dir = Path(shard_dirs[i]) if shard_dirs else _prepare(cfg)
-        vocab = read_index(shard_dir).vocab_size if shard_dir else None
+        vocab = source_vocab_size(shard_dir, cfg.data.tokenizer) if shard_dir else None
         runs.append(RunPlan(cfg, check_layout(cfg, nproc, nproc // nodes, vocab), shard_dir))
         check_run_dir(cfg)
     c4, sigstops = _launcher_faults(cfgs, nproc)
@@ -72,6 +72,12 @@ def check_layout(cfg: Config, world_size: int, local_world_size: int | None = No
     dims = ParallelDims.resolve(world_size, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard,
                                 tp=p.tp, pp=p.pp, ep=p.ep, diloco=cfg.diloco.replicas)
     _check_moe(cfg, dims, local_world_size)
+    if tokenizer_vocab and cfg.model.vocab_size and cfg.model.vocab_size < tokenizer_vocab:
+        source = "model.init_from's config.json" if cfg.model.init_from else "model.vocab_size"
+        raise ConfigError(f"model.vocab_size = {cfg.model.vocab_size} (from {source}) is smaller than the data's "
+                          f"vocabulary of {tokenizer_vocab} ids (data.tokenizer = {cfg.data.tokenizer!r}): some token "
+                          "ids would have no embedding row; use the tokenizer the model was trained with, or a "
+                          "larger model.vocab_size")
     if dims.tp > 1:
         _check_tp(cfg, dims.tp, tokenizer_vocab)
     t = cfg.train
@@ -192,4 +198,4 @@ def _prepare(cfg: Config) -> Path:
     from dist_train.data import ensure_prepared
 
     d = cfg.data
-    return ensure_prepared(d.source, d.cache_dir or None, d.tokenizer)
+    return ensure_prepared(d.source, d.cache_dir or None, d.tokenizer, text_field=d.text_field)

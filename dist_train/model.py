@@ -30,8 +30,11 @@ from dist_train import kernels as K
 MODEL_PRESETS: dict[str, dict] = {
     "tiny": dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=0, vocab_size=0),
     "small": dict(dim=256, n_layers=8, n_heads=8, n_kv_heads=4, ffn_dim=0, vocab_size=0),
+    # Llama-3.2-1B's shape, with its RoPE scaling (rope_type "llama3", factor 32 over 8192)
     "llama-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
-                     vocab_size=128256, rope_theta=500000.0, tie_embeddings=True),
+                     vocab_size=128256, rope_theta=500000.0, tie_embeddings=True,
+                     rope_scaling="llama3", rope_factor=32.0, rope_low_freq_factor=1.0,
+                     rope_high_freq_factor=4.0, rope_original_max_len=8192),
     "llama-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
                      vocab_size=128256, rope_theta=500000.0),
 }
@@ -52,6 +55,11 @@ class ModelArgs:
     max_seq_len: int
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"    # or "llama3" (kernels/rope.py: Llama3Scaling)
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
     norm_eps: float = 1e-5
     init_std: float = 0.02
     moe_experts: int = 0          # 0 = dense
@@ -66,6 +74,12 @@ class ModelArgs:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
+    def rope_scaling_spec(self) -> "K.Llama3Scaling | None":
+        if self.rope_scaling == "none":
+            return None
+        return K.Llama3Scaling(self.rope_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
+                               self.rope_original_max_len)
+
     @classmethod
     def from_config(cls, model_cfg, seq_len: int, tokenizer_vocab: int) -> "ModelArgs":
         vocab = model_cfg.vocab_size or round_up(tokenizer_vocab, 64)
@@ -73,7 +87,10 @@ class ModelArgs:
         return cls(dim=model_cfg.dim, n_layers=model_cfg.n_layers, n_heads=model_cfg.n_heads,
                    n_kv_heads=model_cfg.n_kv_heads, vocab_size=vocab, ffn_dim=ffn, max_seq_len=seq_len,
                    tie_embeddings=model_cfg.tie_embeddings, rope_theta=model_cfg.rope_theta,
-                   norm_eps=model_cfg.norm_eps, init_std=model_cfg.init_std,
+                   rope_scaling=model_cfg.rope_scaling, rope_factor=model_cfg.rope_factor,
+                   rope_low_freq_factor=model_cfg.rope_low_freq_factor,
+                   rope_high_freq_factor=model_cfg.rope_high_freq_factor,
+                   rope_original_max_len=model_cfg.rope_original_max_len, norm_eps=model_cfg.norm_eps, init_std=model_cfg.init_std,
                    moe_experts=model_cfg.moe_experts, moe_top_k=model_cfg.moe_top_k, moe_every=model_cfg.moe_every,
                    moe_aux_weight=model_cfg.moe_aux_weight, moe_z_weight=model_cfg.moe_z_weight,
                    moe_capacity_factor=model_cfg.moe_capacity_factor,
@@ -193,7 +210,8 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
 
     def init_buffers(self, device=None) -> None:
-        cos, sin = K.rope_tables(self.args.max_seq_len, self.args.head_dim, self.args.rope_theta, device)
+        cos, sin = K.rope_tables(self.args.max_seq_len, self.args.head_dim, self.args.rope_theta, device,
+                                 scaling=self.args.rope_scaling_spec())
         self.rope_cos, self.rope_sin = cos, sin
 
     def head_weight(self) -> torch.Tensor:

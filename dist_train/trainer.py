@@ -101,7 +101,7 @@ class Trainer:
         self.mesh, self.batch_mesh = self.dims.build_mesh(self.device.type)
         name_mesh_groups(self.mesh)
         kernels.set_default_backend(cfg.kernels.backend)
-        self.dataset = TokenDataset(shard_dir, cfg.data.seq_len)
+        self.dataset = TokenDataset(shard_dir, cfg.data.seq_len, tokenizer=cfg.data.tokenizer)
         self.n_train = len(self.dataset) - self._held_out()
         # each rank fully checks every world-th shard once, while training runs
         n_shards = len(self.dataset.shards.paths)
@@ -125,7 +125,8 @@ class Trainer:
     def _prepare_data(self) -> str:
         """One rank prepares the bundled corpus (if needed); the others wait, then read."""
         d = self.cfg.data
-        box = [str(ensure_prepared(d.source, d.cache_dir or None, d.tokenizer)) if self.rank == 0 else None]
+        box = [str(ensure_prepared(d.source, d.cache_dir or None, d.tokenizer, text_field=d.text_field))
+               if self.rank == 0 else None]
         with self.recorder.paused():
             dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -140,6 +141,11 @@ class Trainer:
                                param_dtype=self.dtype if self.dtype != torch.float32 else None,
                                n_micro=self.sampler.num_micro_batches)
         self.model = self.par.view
+        if cfg.model.init_from:  # pretrained weights over the seeded init, into this layout's shards
+            from .interop.hf_import import load_hf_weights
+
+            with self.recorder.paused():
+                load_hf_weights(self.model, cfg.model.init_from, self.args)
         # scaled like the loss: by 1 / micro-batches here, or by the pipeline schedule after backward
         pipelined = self.par.schedule is not None
         moe.set_aux_grad_scale(self.par.parts, 1.0 if pipelined else 1.0 / self.sampler.num_micro_batches,

@@ -1,5 +1,9 @@
 """Rotary position embedding applied to q and k (rotate-half convention).
 
+The rotation pairs element i with element i + head_dim / 2 of each head, as transformers'
+Llama does, so HF q/k projections load without a permutation (Meta's original and
+TorchTitan's interleaved layout pair 2i with 2i + 1 and need one; dist_train/interop).
+
 q: (batch, q_heads, seq, head_dim), k: (batch, kv_heads, seq, head_dim) — the head counts
 may differ (GQA). cos/sin: (seq, head_dim // 2), from `rope_tables`.
 
@@ -12,6 +16,9 @@ incoming gradient by the opposite angle (sin negated). cos/sin are treated as co
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 from ._triton import cdiv, kernel, next_pow2
@@ -22,11 +29,36 @@ tl = None  # triton.language, bound at the first kernel launch (see _triton.kern
 IMPLEMENTED = ("torch", "triton")
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float = 10000.0, device=None):
-    """cos and sin of position x inverse frequency, (seq_len, head_dim // 2), fp32."""
+@dataclass(frozen=True)
+class Llama3Scaling:
+    """Llama 3.1's frequency-dependent RoPE scaling (every Llama 3.x checkpoint uses it):
+    rotations slower than `original_max_len / low_freq_factor` positions per turn are
+    slowed down by `factor`, those faster than `original_max_len / high_freq_factor` are
+    kept, and the band between is interpolated linearly in original_max_len / wavelength."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_len: int = 8192
+
+    def apply(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        wavelen = 2 * math.pi / inv_freq
+        slow = wavelen > self.original_max_len / self.low_freq_factor
+        fast = wavelen < self.original_max_len / self.high_freq_factor
+        smooth = (self.original_max_len / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+        between = (1 - smooth) * inv_freq / self.factor + smooth * inv_freq
+        return torch.where(fast, inv_freq, torch.where(slow, inv_freq / self.factor, between))
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float = 10000.0, device=None,
+                scaling: Llama3Scaling | None = None):
+    """cos and sin of position x inverse frequency, (seq_len, head_dim // 2), fp32;
+    `scaling` rescales the inverse frequencies first (Llama 3's rope_type "llama3")."""
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if scaling is not None:
+        inv_freq = scaling.apply(inv_freq)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 

@@ -20,7 +20,6 @@ Plain `torchrun ... -m dist_train train CONFIG` works too (docs/launch.md says w
 from __future__ import annotations
 
 import os
-import sys
 
 from dist_train.errors import UserError
 

@@ -111,7 +111,7 @@ def initial_params(run_dir: Path) -> dict[str, torch.Tensor]:
 
     cfg = load_config(run_dir / "config.toml", [])
     data = TokenDataset(ensure_prepared(cfg.data.source, cfg.data.cache_dir or None, cfg.data.tokenizer),
-                        cfg.data.seq_len)
+                        cfg.data.seq_len, cfg.data.tokenizer)
     model = Transformer(ModelArgs.from_config(cfg.model, cfg.data.seq_len, data.vocab_size))
     init_weights(model, cfg.run.seed)
     return {k: v.detach() for k, v in model.state_dict().items() if not k.startswith("rope")}
