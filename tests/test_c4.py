@@ -519,15 +519,15 @@ ALL_4.update({"slow_link:ranks=0-2,ms=20,step=4": ("slow_link", [0, 2]),
 @pytest.mark.slow
 def test_drills_name_every_fault_on_rank_0_and_rank_3(tmp_path):
     """One launch: every fault kind on rank 0 and on rank 3 (hangs, SIGSTOP at a random
-    moment of a step, and crashes restart the job from its checkpoint), and 300 steps with
+    moment of a step, and crashes restart the job from its checkpoint), and 150 steps with
     20% jitter and no finding."""
     t0 = time.monotonic()
-    proc = run_cli("drill", "configs/tiny.toml", "--all", "--nproc", "4", "--jitter-steps", "300",
+    proc = run_cli("drill", "configs/tiny.toml", "--all", "--nproc", "4", "--jitter-steps", "150",
                    "--set", f"run.dir={tmp_path}", timeout=900, check=False)
     print(f"\ndrill launch: {time.monotonic() - t0:.0f} s\n{proc.stdout[-4000:]}")
     root = next(tmp_path.glob("drill-*"))
     drills = _check_drills(root, ALL_4, proc)
-    assert drills["jitter:pct=20"]["steps"] == 300
+    assert drills["jitter:pct=20"]["steps"] == 150
     # the run directory of a drill holds its findings and a per-rank timeline for the report
     hang_dir = root / drills["hang:rank=3,step=6"]["name"]
     run_cli("report", str(hang_dir))

@@ -89,7 +89,8 @@ def test_a_replica_leaves_inside_an_outer_step_and_another_joins(tmp_path, light
     assert replicas[two - first_a - H] == 2 and replicas[-1] == 2, replicas
     first = rc[0]
     assert first.get("healed_from") == "a" and first["step"] > two and first["step"] % H == 1, first
-    assert first["loss"] < ra[0]["loss"] - 1.0  # the survivor's level, not the initial loss
+    initial = next(r[0]["loss"] for r in (ra, records(b.run_dir)) if r and r[0]["step"] == 1)  # a, or b if a healed
+    assert first["loss"] < initial - 1.0  # the survivor's level, not the initial loss
     synced = [r for r in rc if r["applied_fragments"]]
     assert synced and all(r["outer_digest"] == by_step[r["step"]]["outer_digest"] for r in synced)
 
@@ -118,8 +119,10 @@ def test_the_source_dies_while_a_joiner_heals_tp2(tmp_path, lighthouse):
     assert [r["step"] for r in rb] == list(range(rb[0]["step"], steps + 1))
     assert [r["step"] for r in rc] == list(range(rc[0]["step"], steps + 1))
     by_step = {r["step"]: r for r in rb}
-    synced = [r for r in rc if r["applied_fragments"]]
-    assert synced and all(r["outer_digest"] == by_step[r["step"]]["outer_digest"] for r in synced)
+    # while a lived, three replicas may meet two at a time; once a is gone b and c sync together
+    a_end = max([r["step"] for r in records(a.run_dir)], default=0)
+    synced = [r for r in rc if r["applied_fragments"] and r["step"] > a_end + H and r["replicas"] == 2]
+    assert synced and all(r["outer_digest"] == by_step[r["step"]]["outer_digest"] for r in synced), synced
 
 
 @pytest.mark.slow

@@ -1,29 +1,8 @@
-"""Launch paths: torchrun, simulated nodes, `prepare` and `report` from the command line."""
+"""`prepare`, `train` and `report` from the command line (torchrun and simulated nodes:
+tests/test_multinode.py)."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
-from tests.conftest import REPO, read_metrics, run_cli, tiny_overrides
-from tests.equivalence import assert_values_match
-
-
-def test_torchrun_and_simulated_nodes_train_the_same(tmp_path):
-    """`torchrun -m dist_train train` (2 ranks) and `local --nproc 4 --nodes 2` (two launcher
-    agents meeting through the c10d rendezvous) both run; same global batch, same losses."""
-    sets = tiny_overrides(tmp_path, "torchrun", 3)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "-m", "dist_train", "train", "configs/tiny.toml", *sets],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "2 rank(s) on 1 node(s)" in proc.stdout
-    nodes = run_cli("local", "--nproc", "4", "--nodes", "2", "configs/tiny.toml",
-                    *tiny_overrides(tmp_path, "nodes", 3))
-    assert "4 rank(s) on 2 node(s)" in nodes.stdout
-    a = [r["loss"] for r in read_metrics(tmp_path / "torchrun")]
-    b = [r["loss"] for r in read_metrics(tmp_path / "nodes")]
-    assert len(a) == 3
-    assert_values_match(a, b, 16 * 128, "torchrun vs simulated nodes loss")
+from tests.conftest import run_cli, tiny_overrides
 
 
 def test_prepare_then_train_on_it_then_report(tmp_path):
