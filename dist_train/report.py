@@ -1,4 +1,6 @@
-"""`dist-train report RUN_DIR`: loss, throughput and communication curves as PNG files."""
+"""`dist-train report RUN_DIR`: the run's curves as PNG files and one self-contained page,
+`report/index.html` (the PNGs inlined, a summary table, the C4 findings, the resolved
+config), readable offline and mailable as one file."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,16 +42,76 @@ def write_report(run_dir: Path) -> Path:
         fig.savefig(out / f"{name}.png")
         plt.close(fig)
 
-    plot("loss", {"loss": [r["loss"] for r in records]}, "loss")
+    nan = float("nan")
+    losses = {"loss": [r["loss"] for r in records]}
+    if any("eval_loss" in r for r in records):
+        losses["eval loss"] = [r.get("eval_loss", nan) for r in records]
+    plot("loss", losses, "loss")
+    plot("lr", {"lr": [r["lr"] for r in records]}, "learning rate")
     plot("throughput", {"tokens/s": [r["tokens_per_s"] for r in records]}, "tokens/s")
+    plot("memory", {"peak": [r["peak_memory_bytes"] / 2**30 for r in records]}, "peak memory per rank (GiB)")
     if any(r.get("mfu") is not None for r in records):  # n/a (null) off the peak-FLOPs table, e.g. CPUs
         plot("mfu", {"MFU": [r.get("mfu") if r.get("mfu") is not None else float("nan") for r in records]}, "MFU")
     comm = {k: [r.get("comm", {}).get(k, {}).get("bytes", 0) for r in records] for k in COMM_KINDS}
     comm = {k: v for k, v in comm.items() if any(v)}
     if comm:
         plot("comm_bytes", comm, "bytes per step (all ranks)")
+    dims = sorted({d for r in records for d in r.get("comm_by_dim", {})})
+    if dims:
+        plot("comm_by_dim", {d: [r.get("comm_by_dim", {}).get(d, {}).get("wire_bytes", 0) for r in records]
+                             for d in dims}, "wire bytes per step by mesh dim")
     c4_timeline(run_dir, out, plt)
+    write_page(run_dir, out, records)
     return out
+
+
+def write_page(run_dir: Path, out: Path, records: list[dict]) -> Path:
+    """`report/index.html`: every PNG of `out` inlined (base64), the summary, the C4
+    findings and the resolved config; nothing it links to can go missing."""
+    import base64
+    import html
+
+    last = records[-1]
+    mfu = [r["mfu"] for r in records if r.get("mfu") is not None]
+    rows = [("steps", f"{records[0]['step']}..{last['step']}"), ("final loss", f"{last['loss']:.4f}")]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    if evals:
+        rows.append(("final eval loss", f"{evals[-1]:.4f}"))
+    rows += [("median tokens/s", f"{_median([r['tokens_per_s'] for r in records]):.0f}"),
+             ("median MFU", f"{_median(mfu):.1%}" if mfu else "n/a (device not in the peak-FLOPs table)"),
+             ("peak memory per rank", f"{max(r['peak_memory_bytes'] for r in records) / 2**30:.2f} GiB"),
+             ("tokens", f"{last['tokens']:,}")]
+    for dim, c in sorted(last.get("comm_by_dim", {}).items()):
+        rows.append((f"{dim} wire bytes / step (last)", f"{c['wire_bytes']:,}"))
+    findings = _jsonl(run_dir / "c4" / "findings.jsonl")
+    images = "".join(f'<h2>{html.escape(p.stem.replace("_", " "))}</h2><img alt="{p.stem}" '
+                     f'src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+                     for p in sorted(out.glob("*.png"), key=_figure_order))
+    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    c4 = ("<ul>" + "".join(f"<li>step {f.get('step')}: {html.escape(str(f.get('kind')))} ranks "
+                           f"{html.escape(str(f.get('ranks')))} ({html.escape(str(f.get('why') or ''))})</li>"
+                           for f in findings) + "</ul><p>On the timeline above: red lines.</p>") if findings else "<p>none</p>"
+    config = run_dir / "config.toml"
+    cfg = html.escape(config.read_text()) if config.exists() else "(no config.toml)"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(run_dir.name)}</title>"
+            "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}img{max-width:100%}"
+            "th{text-align:left;padding-right:2em}pre{background:#f4f4f4;padding:1em}</style></head><body>"
+            f"<h1>{html.escape(run_dir.name)}</h1><table>{table}</table>{images}"
+            f"<h2>C4 findings</h2>{c4}<h2>config</h2><pre>{cfg}</pre></body></html>\n")
+    path = out / "index.html"
+    path.write_text(page)
+    return path
+
+
+def _median(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values) if values else float("nan")
+
+
+def _figure_order(p: Path) -> int:
+    order = ["loss", "lr", "throughput", "mfu", "memory", "comm_bytes", "comm_by_dim", "c4_timeline"]
+    return order.index(p.stem) if p.stem in order else len(order)
 
 
 def _jsonl(path: Path) -> list[dict]:

@@ -15,6 +15,10 @@ def test_prepare_then_train_on_it_then_report(tmp_path):
     report = run_cli("report", str(tmp_path / "own"))
     assert (tmp_path / "own/report/loss.png").stat().st_size > 1000
     assert "report:" in report.stdout
+    page = (tmp_path / "own/report/index.html").read_text()
+    assert page.count('src="data:image/png;base64,') == len(list((tmp_path / "own/report").glob("*.png"))) >= 4
+    assert "http" not in page and "src=\"" + "report" not in page, "one self-contained page"
+    assert "median MFU</th><td>n/a" in page and "seq_len = 32" in page  # MFU on a CPU; the resolved config
 
 
 def test_bad_data_and_report_inputs_are_clear_errors(tmp_path):
