@@ -8,7 +8,14 @@ data-parallel layout resumes on another. Around it we add what a long job needs:
 - a manifest (size and CRC32 of every file, each rank checksumming what it wrote) so an
   incomplete or corrupted checkpoint is detected and named, and `resume = "latest"` falls
   back to the previous good one;
-- `train_state.json` (step, sampler position, LR schedule) readable without torch.
+- `train_state.json` (step, sampler position, LR schedule) readable without torch;
+- background saves (`checkpoint.async`): DCP's async_save stages a copy of the state
+  before the next step changes it and writes it from a thread or a process, over a gloo
+  group of its own (its collectives must not interleave with the training's). The rest of
+  the save (checksums, manifest, rename, `latest`) runs on the training thread once every
+  rank's write has finished, as the trainer learns from the step stats it gathers anyway
+  (`finish` when `all_written`), so a crash mid-write leaves the previous checkpoint as
+  `latest`. One save in flight at most: the next waits for it.
 
 The optimizer state is saved flattened (`flatten_optimizer_state_dict`): every parameter's
 moments and hyper-parameters under its own name. Unflattened, `param_groups` is one list
@@ -22,11 +29,15 @@ import json
 import os
 import re
 import shutil
+import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint import FileSystemWriter
 
 from .errors import UserError
 
@@ -88,14 +99,30 @@ def verify(path: Path) -> dict:
     return json.loads((path / TRAIN_STATE).read_text())
 
 
+@dataclass
+class PendingSave:
+    """A save whose files are being written; `future` is DCP's (None for a blocking save)."""
+    step: int
+    tmp: Path
+    final: Path
+    train_state: dict
+    rng_name: str
+    future: Any = None
+
+
 class Checkpointer:
     """Saves and finds checkpoints under `root` (the run's `checkpoints/`)."""
 
-    def __init__(self, root: Path, keep: int, log=print):
+    def __init__(self, root: Path, keep: int, log=print, async_mode: str = "off", fault_inject=()):
         self.root = Path(root)
         self.keep = keep
         self.log = log
         self.rank = dist.get_rank()
+        self.async_mode = async_mode
+        self.pending: PendingSave | None = None
+        self.wait_s = 0.0  # time spent waiting for background writes, since the caller last took it
+        self._slow_ms = _slow_save_ms(fault_inject, self.rank)
+        self._group = dist.new_group(backend="gloo") if async_mode != "off" else None
 
     # ---- saving -------------------------------------------------------------------------
     def save(self, step: int, model, optimizer, train_state: dict, *, replica: int | None = None,
@@ -106,6 +133,7 @@ class Checkpointer:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
+        self.finish()  # at most one save in flight
         final = self.root / step_dir_name(step)
         tmp = final.with_name(final.name + ".tmp")
         if self.rank == 0:
@@ -114,26 +142,59 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         dist.barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(flat=True))
-        dcp.save(_layout(model_sd, optim_sd, replica, extra), checkpoint_id=str(tmp))
+        writer = _writer(tmp, self._slow_ms)
         rng_name = f"rng-{self.rank:05d}.pt"
         torch.save(_rng_state(), tmp / rng_name)
-        mine = [rng_name] + sorted(p.name for p in tmp.glob(f"__{self.rank}_*"))
+        pending = PendingSave(step, tmp, final, {**train_state, "step": step}, rng_name)
+        if self.async_mode == "off":
+            dcp.save(_layout(model_sd, optim_sd, replica, extra), storage_writer=writer)
+            self.pending = pending
+            return self.finish()
+        from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+        kind = AsyncCheckpointerType.PROCESS if self.async_mode == "process" else AsyncCheckpointerType.THREAD
+        pending.future = dcp.async_save(_layout(model_sd, optim_sd, replica, extra), storage_writer=writer,
+                                        process_group=self._group, async_checkpointer_type=kind)
+        self.pending = pending  # the state is staged: training may change the weights now
+        self.log(f"saving {final.name} in the background ({self.async_mode})")
+        return None
+
+    def written(self) -> int:
+        """This rank's part of the save in flight: -1 none, 0 still writing, 1 on disk."""
+        if self.pending is None:
+            return -1
+        return int(self.pending.future is None or self.pending.future.done())
+
+    def finish(self) -> Path | None:
+        """Complete the save in flight (every rank calls it at the same point): wait for this
+        rank's write, checksum its files, and on rank 0 write the manifest, rename the folder
+        into place and point `latest` at it."""
+        p, self.pending = self.pending, None
+        if p is None:
+            return None
+        if p.future is not None:
+            t0 = time.perf_counter()
+            p.future.result()  # a failed write raises here, before anything points at it
+            self.wait_s += time.perf_counter() - t0
+        mine = [p.rng_name] + sorted(f.name for f in p.tmp.glob(f"__{self.rank}_*"))
         entries = [None] * dist.get_world_size()
-        dist.all_gather_object(entries, _file_entries(tmp, mine))
+        dist.all_gather_object(entries, _file_entries(p.tmp, mine))
         if self.rank == 0:
-            _write_atomic(tmp / TRAIN_STATE, json.dumps({**train_state, "step": step}, indent=1))
+            _write_atomic(p.tmp / TRAIN_STATE, json.dumps(p.train_state, indent=1))
             files: dict = {}
             for e in entries:
                 files.update(e)
-            files.update(_file_entries(tmp, [".metadata", TRAIN_STATE]))
-            _write_atomic(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _write_atomic(self.root / "latest", final.name + "\n")
+            files.update(_file_entries(p.tmp, [".metadata", TRAIN_STATE]))
+            _write_atomic(p.tmp / MANIFEST, json.dumps({"step": p.step, "files": files}, indent=1))
+            if p.final.exists():
+                shutil.rmtree(p.final)
+            os.replace(p.tmp, p.final)
+            _write_atomic(self.root / "latest", p.final.name + "\n")
             self._prune()
         dist.barrier()
-        return final
+        if p.future is not None:
+            self.log(f"saved {p.final}")
+        return p.final
 
     def _prune(self) -> None:
         done = self.complete_steps()
@@ -206,6 +267,34 @@ class Checkpointer:
         if rng.exists():  # absent when resuming on more ranks than saved: keep the fresh seed
             _set_rng_state(torch.load(rng, weights_only=False))
         return json.loads((path / TRAIN_STATE).read_text())
+
+
+def _slow_save_ms(fault_inject, rank: int) -> float:
+    """The `slow_save` drill fault's delay for this rank's checkpoint writes (fault/inject.py)."""
+    if not fault_inject:
+        return 0.0
+    from dist_train.fault.inject import parse_specs
+
+    return sum(i.ms for i in parse_specs(fault_inject) if i.kind == "slow_save" and i.rank in (-1, rank))
+
+
+def _writer(path: Path, slow_ms: float):
+    """DCP's file writer; under a `slow_save` drill, one that takes `slow_ms` longer to
+    write its files (a slow filesystem), in whichever thread or process writes them."""
+    return SlowWriter(str(path), slow_ms=slow_ms) if slow_ms else FileSystemWriter(str(path))
+
+
+class SlowWriter(FileSystemWriter):
+    """FileSystemWriter taking `slow_ms` longer per write (module level: a save process
+    unpickles it)."""
+
+    def __init__(self, path, slow_ms: float = 0.0, **kwargs):
+        super().__init__(path, **kwargs)
+        self.slow_ms = slow_ms
+
+    def write_data(self, plan, planner):
+        time.sleep(self.slow_ms / 1e3)
+        return super().write_data(plan, planner)
 
 
 def _layout(model_sd: dict, optim_sd: dict, replica: int | None, extra: dict | None) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +26,10 @@ from .errors import ConfigError
 from .fault.settings import C4Settings
 
 
-def _f(default, help: str, *, min=None, max=None, choices=None):
-    meta = {"help": help, "min": min, "max": max, "choices": choices}
+def _f(default, help: str, *, min=None, max=None, choices=None, bools=None):
+    """A config field; `bools` = (value for false, value for true) lets an older boolean
+    form of a choice field keep working."""
+    meta = {"help": help, "min": min, "max": max, "choices": choices, "bools": bools}
     if callable(default):
         return field(default_factory=default, metadata=meta)
     return field(default=default, metadata=meta)
@@ -107,7 +110,10 @@ class TrainSection:
     momentum: float = _f(0.0, "SGD momentum (train.optimizer = 'sgd')", min=0.0, max=1.0)
     grad_clip: float = _f(1.0, "global gradient-norm clip; 0 = off", min=0.0)
     dtype: str = _f("auto", "compute dtype; auto = fp32 on CPU, bf16 on GPU", choices=("auto", "fp32", "bf16"))
-    activation_checkpoint: bool = _f(False, "recompute each block's activations in backward, per micro-batch")
+    activation_checkpoint: str = _f("none", "recompute in backward, per block and micro-batch: none, full (the "
+                                    "whole block), selective (keep matmul and attention outputs, recompute "
+                                    "the elementwise ops); true/false mean full/none",
+                                    choices=("none", "full", "selective"), bools=("none", "full"))
 
 
 @dataclass
@@ -171,6 +177,9 @@ class CheckpointSection:
     every: int = _f(0, "save every n steps (and at the end); 0 = never", min=0)
     keep: int = _f(3, "complete checkpoints kept", min=1)
     resume: str = _f("latest", "'latest' (if any), 'none' (refuse an existing run), or a checkpoint path")
+    async_: str = _f("off", "write checkpoints in the background after staging a copy (DCP async_save in a "
+                     "thread or a process); latest moves once every rank's files are on disk",
+                     choices=("off", "thread", "process"))  # the key is `async` (a Python keyword)
 
 
 def _c4_section() -> type:
@@ -240,7 +249,7 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_toml(self) -> str:
-        return tomli_w.dumps(self.to_dict())
+        return tomli_w.dumps({sec: {_key(k): v for k, v in body.items()} for sec, body in self.to_dict().items()})
 
 
 def _suggest(name: str, options) -> str:
@@ -248,11 +257,17 @@ def _suggest(name: str, options) -> str:
     return f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(options)}"
 
 
+def _key(name: str) -> str:
+    """A field's config key: its name, less the `_` a Python keyword needs (`async_`)."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
 def _field_spec(section: str, key: str) -> dataclasses.Field:
     cls = SECTIONS.get(section)
     if cls is None:
         raise ConfigError(f"unknown config section [{section}]{_suggest(section, SECTIONS)}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {_key(f.name): f for f in dataclasses.fields(cls)}
+    fields.update({f.name: f for f in dataclasses.fields(cls)})  # `async_` as config.toml holds it
     if key not in fields:
         raise ConfigError(f"unknown config key {section}.{key}{_suggest(key, fields)}")
     return fields[key]
@@ -267,6 +282,8 @@ def _coerce(section: str, key: str, value: Any) -> Any:
     spec = _field_spec(section, key)
     kind = {"int": int, "float": float, "bool": bool, "str": str, "list": list}[spec.type]
     where = f"{section}.{key} = {value!r}"
+    if spec.metadata.get("bools") and isinstance(value, bool):
+        value = spec.metadata["bools"][value]
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
@@ -329,7 +346,7 @@ def build_config(raw: dict, overrides: list[tuple[str, str, Any]] = ()) -> Confi
     for key, value in MODEL_PRESETS[preset].items():
         setattr(cfg.model, key, value)
     for (section, key), value in flat.items():
-        setattr(getattr(cfg, section), key, value)
+        setattr(getattr(cfg, section), _field_spec(section, key).name, value)
     if cfg.model.init_from:
         _apply_init_from(cfg, flat)
     _validate(cfg)
@@ -441,7 +458,7 @@ def config_table() -> str:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             meta = f.metadata
             help_ = meta["help"] + (f" ({', '.join(map(str, meta['choices']))})" if meta.get("choices") else "")
-            rows.append(f"| `{section}.{f.name}` | `{default!r}` | {help_.replace('|', '/')} |")
+            rows.append(f"| `{section}.{_key(f.name)}` | `{default!r}` | {help_.replace('|', '/')} |")
     return "\n".join(rows) + "\n"
 
 

@@ -126,6 +126,7 @@ class MetricsLog:
         self.build_record, self.writer, self.progress = build_record, writer, progress
         self.log_every, self.last_step = log_every, last_step
         self._pending = None  # (step, PendingStats, local fields)
+        self.last: GatheredStats | None = None  # the last step written, as every rank gathered it
 
     def __enter__(self) -> "MetricsLog":
         return self
@@ -152,7 +153,8 @@ class MetricsLog:
             return
         step, stats, local = self._pending
         self._pending = None
-        record = self.build_record(step, stats.wait(), local)
+        self.last = stats.wait()
+        record = self.build_record(step, self.last, local)
         if self.writer is not None and (step % self.log_every == 0 or step == self.last_step):
             self.writer.write(record)
         if self.progress is not None:

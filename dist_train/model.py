@@ -174,6 +174,24 @@ class Head(nn.Module):
         return self.loss_fn(hidden, self.weight, targets)
 
 
+# Selective recompute keeps what is costly to redo (matmul and attention outputs: most of
+# the FLOPs) and recomputes the rest (norms, activations, RoPE: cheap, memory-bound).
+_SAVED_OPS = ("mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention",
+              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+              "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def _keep_matmuls():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    saved = {getattr(torch.ops.aten, name).default for name in _SAVED_OPS if hasattr(torch.ops.aten, name)}
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
 class Block(nn.Module):
     def __init__(self, a: ModelArgs, layer_id: int):
         super().__init__()
@@ -181,11 +199,13 @@ class Block(nn.Module):
         self.attention = Attention(a)
         self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
         self.feed_forward = build_feed_forward(a, layer_id)
-        self.checkpoint = False  # recompute this block's activations in backward
+        self.checkpoint = "none"  # recompute in backward: none, full, selective (train.activation_checkpoint)
 
     def forward(self, x, cos, sin):
-        if self.checkpoint and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, use_reentrant=False)
+        if self.checkpoint != "none" and torch.is_grad_enabled():
+            context = _keep_matmuls if self.checkpoint == "selective" else torch.utils.checkpoint.noop_context_fn
+            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, use_reentrant=False,
+                                                     context_fn=context)
         return self._forward(x, cos, sin)
 
     def _forward(self, x, cos, sin):

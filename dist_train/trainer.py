@@ -115,7 +115,8 @@ class Trainer:
             dp_size=self.batch_mesh.size(), dp_rank=self.batch_mesh.get_local_rank(), seed=seed)
         self._setup_model()
         self.outer = self._setup_outer() if cfg.diloco.enabled else None
-        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, log=self.log)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, log=self.log,
+                                         async_mode=cfg.checkpoint.async_, fault_inject=cfg.fault.inject)
 
     def log(self, msg: str) -> None:
         if self.rank == 0:
@@ -269,7 +270,20 @@ class Trainer:
                 state["diloco"] = self.outer.meta()
                 extra = {"diloco": self.outer.tensors()}
             path = self.checkpointer.save(step, self.model, self.optimizer, state, replica=self._replica(), extra=extra)
-        self.log(f"saved {path}")
+        if path is not None:  # else written in the background: finish_save completes it
+            self.log(f"saved {path}")
+
+    def finish_save(self, c4, gathered=None) -> None:
+        """Complete a background save: at once without `gathered` (waiting for it), else
+        when the gathered step stats show every rank's write on disk. Every rank sees the
+        same stats, so all decide alike, with no collective of their own."""
+        pending = self.checkpointer.pending
+        if pending is None or (gathered is not None and not (
+                "ckpt_written" in gathered and bool((gathered.column("ckpt_step") == pending.step).all())
+                and bool((gathered.column("ckpt_written") == 1).all()))):
+            return
+        with self.recorder.paused(), c4.busy("checkpoint"):
+            self.checkpointer.finish()
 
     def _replica(self) -> int | None:
         """This rank's DiLoCo replica (checkpoints keep each replica's own model and optimizer)."""
@@ -336,6 +350,12 @@ class Trainer:
         v = self.verifier
         stats.add("data_bad_shard", -1 if v is None or v.bad_shard is None else v.bad_shard)
         stats.add("data_verify_s", -1 if v is None or v.seconds is None else v.seconds)  # -1: still checking
+        if self.cfg.checkpoint.async_ != "off":  # the background save's progress, and waits for it
+            ck = self.checkpointer
+            stats.add("ckpt_step", ck.pending.step if ck.pending else -1)
+            stats.add("ckpt_written", ck.written())
+            stats.add("ckpt_wait_s", ck.wait_s)
+            ck.wait_s = 0.0
         groups: dict = {}
         for name, c in self.recorder.group_summary(reset=True).items():
             into = groups.setdefault(name if name in COMM_GROUPS else "other", dict.fromkeys(c, 0))
@@ -374,6 +394,8 @@ class Trainer:
             "comm": g.comm(),
             "comm_by_dim": g.comm_by_dim(),
         }
+        if "ckpt_wait_s" in g:  # the step waited this long for the previous background save
+            record["checkpoint_wait_s"] = float(g.column("ckpt_wait_s").max())
         if not bool(g.column("eval_loss").isnan().all()):  # evaluated this step (the last stages hold it)
             record["eval_loss"] = float(g.column("eval_loss").nanmean())
         record["time"] = local["time"]
@@ -509,11 +531,13 @@ class Trainer:
                                lr=self.scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
                                c4_findings=c4.findings_count, outer=outer, outer_s=t_outer, time=time.time(),
                                healed=self.healed if step == start + 1 else None)
+                self.finish_save(c4, metrics.last)
                 self._check_quorum_timeout(outer, step_time)
                 c4.step_end(step, time.perf_counter() - t0)
                 if self.checkpoint_due(step):
                     metrics.flush()  # metrics.jsonl holds every step a checkpoint holds
                     self.save(step, c4)
+            self.finish_save(c4)  # the last save, before the run counts as done
         return self.run_dir
 
     def close(self) -> None:

@@ -29,6 +29,9 @@ Spec strings (`[fault] inject = [...]`, `dist-train drill --fault`):
   replica_kill_during_heal:step=S       ... start a joiner at step S and kill its source
                                         replica while it sends the joiner its outer state
   lighthouse_kill:step=S                ... kill -9 the lighthouse once a replica reports step S
+  slow_save:ms=M[,rank=R]               every checkpoint write of rank R (default every rank) takes
+                                        M ms longer, in the thread or process that writes it (a
+                                        slow filesystem; keeps a background save in flight)
   bad_update:rank=R,step=S[,scale=X]    DiLoCo: R's replica sends its pseudo-gradient of the first
                                         outer step at or after step S times X (default 1e6;
                                         scale=nan: not finite), as a faulty or hostile replica
@@ -68,6 +71,7 @@ _FIELDS: dict[str, dict[str, tuple]] = {
     "jitter": {"pct": (float, False, 20.0), "seed": (int, False, 0), "step": (int, False, 1)},
     "bad_update": {"rank": (int, True, None), "step": (int, True, None), "scale": (float, False, 1e6)},
     "slow_exchange": {"ms": (float, True, None)},
+    "slow_save": {"ms": (float, True, None), "rank": (int, False, -1)},
     "replica_kill": {"id": (str, True, None), "step": (int, True, None)},
     "replica_join": {"step": (int, True, None), "id": (str, False, "j")},
     "replica_kill_during_heal": {"step": (int, True, None), "id": (str, False, "j")},
@@ -79,6 +83,7 @@ _EXAMPLE = {"delay": "delay:rank=1,ms=50", "hang": "hang:rank=2,step=5", "slow_l
             "slow_compute": "slow_compute:rank=3,factor=2", "crash": "crash:rank=1,step=4",
             "sigstop": "sigstop:rank=2,step=5", "jitter": "jitter:pct=20",
             "bad_update": "bad_update:rank=2,step=10,scale=1e6", "slow_exchange": "slow_exchange:ms=200",
+            "slow_save": "slow_save:ms=2000",
             "replica_kill": "replica_kill:id=b,step=30", "replica_join": "replica_join:step=40",
             "replica_kill_during_heal": "replica_kill_during_heal:step=20", "lighthouse_kill": "lighthouse_kill:step=30"}
 REPLICA_FAULTS = ("replica_kill", "replica_join", "replica_kill_during_heal", "lighthouse_kill")
@@ -101,7 +106,7 @@ class Injection:
         """Ranks the fault is about (the pair for a link, none for jitter)."""
         if self.kind == "slow_link":
             return tuple(self.args["ranks"])
-        return (self.args["rank"],) if "rank" in self.args else ()
+        return (self.args["rank"],) if self.args.get("rank", -1) >= 0 else ()  # slow_save: -1, every rank
 
 
 def _value(spec: str, key: str, kind, raw: str):
@@ -205,7 +210,7 @@ class FaultInjector:
         self._last_issue = None  # monotonic s when the previous collective was issued
         self._step_times: list[float] = []
         self._jitter_s = 0.0
-        self.injections = [i for i in injections if i.kind not in ("sigstop", "bad_update", "slow_exchange",
+        self.injections = [i for i in injections if i.kind not in ("sigstop", "bad_update", "slow_exchange", "slow_save",
                                                                    *REPLICA_FAULTS) and self._mine(i)]
         self._rng = random.Random()
         for i in self.injections:

@@ -105,19 +105,55 @@ def test_vocab_and_ffn_default_from_tokenizer_and_dim():
     assert a.vocab_size == 320 and a.ffn_dim == 192 and a.max_seq_len == 128
 
 
-def assert_checkpointing_keeps_gradients(m, tokens, targets) -> None:
-    """Gradients with every block checkpointed equal those without (checkpointing is left on)."""
-    plain = torch.autograd.grad(m(tokens, targets), list(m.parameters()))
+def assert_checkpointing_keeps_gradients(m, tokens, targets, policy: str = "full") -> None:
+    """Loss and gradients with every block recomputed under `policy` equal those without,
+    bit for bit (recomputing runs the same ops on the same values); recompute is left on."""
+    loss = m(tokens, targets)
+    plain = torch.autograd.grad(loss, list(m.parameters()))
     for block in m.layers.values():
-        block.checkpoint = True
-    ckpt = torch.autograd.grad(m(tokens, targets), list(m.parameters()))
+        block.checkpoint = policy
+    again = m(tokens, targets)
+    ckpt = torch.autograd.grad(again, list(m.parameters()))
+    assert torch.equal(loss, again)
     for a, b in zip(plain, ckpt):
-        torch.testing.assert_close(a, b)
+        assert torch.equal(a, b)
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_activation_checkpointing_gives_the_same_gradients(policy):
     m = Transformer(tiny_args()).double()
     init_weights(m, seed=1)
     m.double()
     tokens, targets = torch.randint(0, 83, (2, 17)), torch.randint(0, 83, (2, 17))
-    assert_checkpointing_keeps_gradients(m, tokens, targets)
+    assert_checkpointing_keeps_gradients(m, tokens, targets, policy)
+
+
+def test_selective_recompute_saves_the_matmuls_and_recomputes_the_rest():
+    """Under the selective policy the block's backward recomputes elementwise ops but no
+    matmul: counted through torch's dispatch, the recomputation holds no mm/addmm/bmm."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def ops(policy):
+        m = Transformer(tiny_args())
+        init_weights(m, seed=1)
+        for block in m.layers.values():
+            block.checkpoint = policy
+        loss = m(torch.randint(0, 83, (2, 17)), torch.randint(0, 83, (2, 17)))
+        with Ops() as mode:
+            loss.backward()
+        return mode.seen
+
+    plain, full, selective = ops("none"), ops("full"), ops("selective")
+    matmuls = ("mm", "addmm", "bmm")
+    assert sum(full.count(k) for k in matmuls) > sum(plain.count(k) for k in matmuls), "full recomputes matmuls"
+    assert sum(selective.count(k) for k in matmuls) == sum(plain.count(k) for k in matmuls), "selective saves them"
+    assert len(selective) > len(plain), "selective recomputes the elementwise ops"

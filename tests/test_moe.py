@@ -170,13 +170,14 @@ def test_init_is_layout_independent_per_expert():
     assert not torch.equal(w2[0], w2[1])
 
 
-def test_activation_checkpointing_counts_once_and_same_gradients():
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_activation_checkpointing_counts_once_and_same_gradients(policy):
     a = _moe_args(moe_aux_weight=0.1, moe_z_weight=0.01)
     m = Transformer(a).double()
     init_weights(m, seed=1)
     m.double()
     tokens, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
-    assert_checkpointing_keeps_gradients(m, tokens, targets)
+    assert_checkpointing_keeps_gradients(m, tokens, targets, policy)
     assert m.layers["1"].feed_forward.stats.load.sum() == 2 * 2 * 16 * 2  # two forwards, not three
 
 

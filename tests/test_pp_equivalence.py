@@ -21,11 +21,13 @@ STEPS = 5
 TOKENS = 16 * 128  # per step: global batch x seq_len
 COMMON = {"model.n_layers": 8, "train.steps": STEPS, "checkpoint.every": STEPS, **SGD}
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "layered")
-PP2 = {f"pp2_{s}": {"parallel.pp": 2, "parallel.pp_schedule": s} for s in SCHEDULES}
+PP2 = {f"pp2_{s}": {"parallel.pp": 2, "parallel.pp_schedule": s, "train.activation_checkpoint": "selective"}
+       for s in SCHEDULES}  # recompute composed with every schedule (pp4: the same schedules without)
 PP4 = {f"pp4_{s}": {"parallel.pp": 4, "parallel.pp_schedule": s} for s in SCHEDULES}
 PP4["pp2_dps2_layered"] = {"parallel.pp": 2, "parallel.dp_shard": 2, "parallel.pp_schedule": "layered",
-                           "train.activation_checkpoint": "true"}
-PP4["pp2_tp2_1f1b"] = {"parallel.pp": 2, "parallel.tp": 2, "parallel.pp_schedule": "1f1b"}
+                           "train.activation_checkpoint": "full"}
+PP4["pp2_tp2_1f1b"] = {"parallel.pp": 2, "parallel.tp": 2, "parallel.pp_schedule": "1f1b",
+                       "train.activation_checkpoint": "selective"}
 PP4["pp2_dpr2_gpipe"] = {"parallel.pp": 2, "parallel.dp_replicate": 2, "parallel.dp_shard": 1,
                          "parallel.pp_schedule": "gpipe"}
 LAYOUTS = [*PP2, *PP4]

@@ -35,6 +35,9 @@ def root(tmp_path_factory):
                     "base": {}}, COMMON)
     for nproc in (2, 4, 8):
         runs = {name: sets for name, (n, sets) in LAYOUTS.items() if n == nproc}
+        if nproc == 4:  # recompute policies beside it (bit for bit the same training)
+            runs.update({f"tp2_dps2_{p}": {**LAYOUTS["tp2_dps2"][1], "train.activation_checkpoint": p}
+                         for p in ("full", "selective")})
         if nproc == 4:  # then continue checkpoints on other layouts: tp -> plain dp, and dp -> tp
             runs["tp2_dps2 "] = {"run.name": "tp2_dps2", "parallel.dp_shard": 4, "train.steps": STEPS + 3}
             runs["base"] = {"parallel.tp": 2, "parallel.dp_shard": 2, "train.steps": STEPS + 3}
@@ -45,6 +48,14 @@ def root(tmp_path_factory):
 def assert_matches_reference(root, name, steps):
     """Losses and gradient norms of every step, and the parameters at `steps`."""
     assert_run_matches(root / name, root / "ref", steps, TOKENS)
+
+
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_recompute_policies_train_bit_for_bit_alike(root, policy):
+    """`train.activation_checkpoint` full or selective under tp = 2 x dp_shard = 2: the same
+    losses and gradient norms as no recompute, bit for bit (the same ops on the same values)."""
+    plain = [(r["loss"], r["grad_norm"]) for r in read_metrics(root / "tp2_dps2")[:STEPS]]
+    assert [(r["loss"], r["grad_norm"]) for r in read_metrics(root / f"tp2_dps2_{policy}")] == plain
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
