@@ -40,8 +40,8 @@ from .layout import preflight
 from .metrics import GatheredStats, MetricsLog, MetricsWriter, StepStats, peak_memory_bytes
 from .mfu import device_name, mfu, peak_flops
 from .model import ModelArgs, count_params, flops_per_token
-from .schedules import lr_factor
 from .parallelize import diloco_fragments, parallelize
+from .schedules import lr_factor
 
 # mesh groups whose traffic metrics report by name (`comm_by_dim`); others count as "other"
 COMM_GROUPS = MESH_DIMS + ("ep", "edp", "batch", "replica", "world", "other")
