@@ -86,7 +86,9 @@ def test_a_replica_leaves_inside_an_outer_step_and_another_joins(tmp_path, light
     by_step = {r["step"]: r for r in ra}
     assert by_step[two]["replicas"] == 1 and by_step[two]["retries"], by_step[two]  # b died inside: run again alone
     replicas = [r["replicas"] for r in ra]
-    assert replicas[two - first_a - H] == 2 and replicas[-1] == 2, replicas
+    # round `two` began with a and b (a's log says so); whether the round before it had both
+    # depends on which of them reached the lighthouse first, so only the end is checked here
+    assert replicas[-1] == 2, replicas  # a and c at the end
     first = rc[0]
     assert first.get("healed_from") == "a" and first["step"] > two and first["step"] % H == 1, first
     initial = next(r[0]["loss"] for r in (ra, records(b.run_dir)) if r and r[0]["step"] == 1)  # a, or b if a healed
