@@ -14,8 +14,8 @@ data-parallel layout resumes on another. Around it we add what a long job needs:
   group of its own (its collectives must not interleave with the training's). The rest of
   the save (checksums, manifest, rename, `latest`) runs on the training thread once every
   rank's write has finished, as the trainer learns from the step stats it gathers anyway
-  (`finish` when `all_written`), so a crash mid-write leaves the previous checkpoint as
-  `latest`. One save in flight at most: the next waits for it.
+  (`written()` on every rank, then `finish()`), so a crash mid-write leaves the previous
+  checkpoint as `latest`. One save in flight at most: the next waits for it.
 
 The optimizer state is saved flattened (`flatten_optimizer_state_dict`): every parameter's
 moments and hyper-parameters under its own name. Unflattened, `param_groups` is one list

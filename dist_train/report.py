@@ -51,7 +51,7 @@ def write_report(run_dir: Path) -> Path:
     plot("throughput", {"tokens/s": [r["tokens_per_s"] for r in records]}, "tokens/s")
     plot("memory", {"peak": [r["peak_memory_bytes"] / 2**30 for r in records]}, "peak memory per rank (GiB)")
     if any(r.get("mfu") is not None for r in records):  # n/a (null) off the peak-FLOPs table, e.g. CPUs
-        plot("mfu", {"MFU": [r.get("mfu") if r.get("mfu") is not None else float("nan") for r in records]}, "MFU")
+        plot("mfu", {"MFU": [nan if r.get("mfu") is None else r["mfu"] for r in records]}, "MFU")
     comm = {k: [r.get("comm", {}).get(k, {}).get("bytes", 0) for r in records] for k in COMM_KINDS}
     comm = {k: v for k, v in comm.items() if any(v)}
     if comm:
@@ -70,6 +70,7 @@ def write_page(run_dir: Path, out: Path, records: list[dict]) -> Path:
     findings and the resolved config; nothing it links to can go missing."""
     import base64
     import html
+    from statistics import median
 
     last = records[-1]
     mfu = [r["mfu"] for r in records if r.get("mfu") is not None]
@@ -77,8 +78,8 @@ def write_page(run_dir: Path, out: Path, records: list[dict]) -> Path:
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     if evals:
         rows.append(("final eval loss", f"{evals[-1]:.4f}"))
-    rows += [("median tokens/s", f"{_median([r['tokens_per_s'] for r in records]):.0f}"),
-             ("median MFU", f"{_median(mfu):.1%}" if mfu else "n/a (device not in the peak-FLOPs table)"),
+    rows += [("median tokens/s", f"{median(r['tokens_per_s'] for r in records):.0f}"),
+             ("median MFU", f"{median(mfu):.1%}" if mfu else "n/a (device not in the peak-FLOPs table)"),
              ("peak memory per rank", f"{max(r['peak_memory_bytes'] for r in records) / 2**30:.2f} GiB"),
              ("tokens", f"{last['tokens']:,}")]
     for dim, c in sorted(last.get("comm_by_dim", {}).items()):
@@ -101,12 +102,6 @@ def write_page(run_dir: Path, out: Path, records: list[dict]) -> Path:
     path = out / "index.html"
     path.write_text(page)
     return path
-
-
-def _median(values: list[float]) -> float:
-    import statistics
-
-    return statistics.median(values) if values else float("nan")
 
 
 def _figure_order(p: Path) -> int:

@@ -113,9 +113,8 @@ class LocalJob:
 
         os.environ[DETECTOR_ENV] = "launcher"
         os.environ[STORE_ENV] = f"127.0.0.1:{self.port}"  # the rendezvous store this launcher hosts
-        stop = threading.Event()
 
-        def run():
+        def run(stop: threading.Event) -> None:
             while not stop.is_set():  # the agent starts hosting the store a moment after launch
                 try:
                     store = dist.TCPStore("127.0.0.1", self.port, is_master=False, timeout=timedelta(seconds=5))
@@ -127,13 +126,10 @@ class LocalJob:
             self.watcher.store = store
             self.watcher.run(stop)
 
-        thread = threading.Thread(target=run, name="c4-detector", daemon=True)
-        thread.start()
         try:
-            yield
+            with detector_thread(run):
+                yield
         finally:
-            stop.set()
-            thread.join(timeout=5)
             os.environ.pop(DETECTOR_ENV, None)
             os.environ.pop(STORE_ENV, None)
 
@@ -157,6 +153,20 @@ class LocalJob:
         if any(a.exitcode for a in agents):
             raise UserError(f"the job failed on {sum(1 for a in agents if a.exitcode)} of {self.nodes} "
                             "simulated nodes")
+
+
+@contextlib.contextmanager
+def detector_thread(run: Callable[[threading.Event], None]):
+    """`run(stop)` in a daemon thread while the block runs (a launcher's C4 detector), then
+    `stop` set and the thread joined."""
+    stop = threading.Event()
+    thread = threading.Thread(target=run, args=(stop,), name="c4-detector", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def launch_watcher(plan: LaunchPlan | None, world: int):

@@ -37,14 +37,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import uuid
 from datetime import timedelta
 from pathlib import Path
 
 from dist_train.errors import UserError
 from dist_train.fault.wire import DETECTOR_ENV, STORE_ENV, key
-from dist_train.launchers.local import launch_watcher
+from dist_train.launchers.local import detector_thread, launch_watcher
 from dist_train.layout import LaunchPlan
 
 SOCKET_DIR_MAX = 40  # Ray's session sockets sit ~62 characters below its temp dir; AF_UNIX allows 107
@@ -263,14 +262,8 @@ def _watching(watcher, store):
         yield
         return
     watcher.store = store
-    stop = threading.Event()
-    thread = threading.Thread(target=watcher.run, args=(stop,), name="c4-detector", daemon=True)
-    thread.start()
-    try:
+    with detector_thread(watcher.run):
         yield
-    finally:
-        stop.set()
-        thread.join(timeout=5)
 
 
 def _session_dir(ray_dir: Path) -> tuple[Path, bool]:
