@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import stat
@@ -136,6 +137,7 @@ def test_sbatch_script_loses_a_node_then_grows_back(tmp_path):
         _wait_step(run_dir, 15, [job])
         agents = [int((tmp_path / f"node{i}.pid").read_text()) for i in range(2)]
         victim = next(a for a in agents if not _listens(a, port))  # the rendezvous host must live
+        time.sleep(random.uniform(0.0, 0.5))  # at a moment inside a step, chosen here
         doomed = [victim, *_children(victim)]
         for pid in doomed:
             os.kill(pid, signal.SIGKILL)

@@ -4,6 +4,7 @@ its own Ray."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -54,6 +55,7 @@ def _kill_worker_at(run_dir: Path, step: int, marker: str, killed: list, stop: t
         if metrics.exists() and any(r["step"] >= step for r in read_metrics(metrics.parent)):
             child = _rank_process(marker, 1)
             if child is not None:
+                time.sleep(random.uniform(0.0, 0.5))  # at a moment inside the next step, chosen here
                 actor = _parent(child)
                 os.kill(actor, signal.SIGKILL)
                 killed.append((actor, child))
