@@ -193,36 +193,6 @@ def _delay_and_pause(rank, rec, C, out):
     out["paused_record_counted"] = rec.records()[-1].counted
 
 
-def _overhead(rank, rec, C, out):
-    """ns per op: recorder bookkeeping alone, and a 1-float all_reduce with and
-    without the wrapper (same gloo group underneath)."""
-    import torch.distributed as dist
-    from dist_train.fault.recorder import CollectiveRecorder
-
-    r2 = CollectiveRecorder()
-    st = r2.add_group((0, 1), "bench")
-    n = 20000
-    t0 = time.perf_counter_ns()
-    for _ in range(n):
-        r2.end(st, r2.begin(st, "allreduce", "all_reduce", 4))
-    out["bookkeeping_ns"] = (time.perf_counter_ns() - t0) / n
-
-    g = dist.distributed_c10d._get_default_group()
-    for n in (1, 16384):  # a 1-float op is all fixed cost; 64 KiB is a gradient bucket's scale
-        t = torch.ones(n)
-        obs, raw = [], []
-        for _ in range(5):  # interleave to share the noise of 2 busy cores
-            for fn, acc in ((lambda: g.allreduce([t]).wait(), obs),
-                            (lambda: g.inner.allreduce([t]).wait(), raw)):
-                dist.barrier()
-                t0 = time.perf_counter_ns()
-                for _ in range(50):
-                    fn()
-                acc.append((time.perf_counter_ns() - t0) / 50)
-        out[f"allreduce_observed_ns_{n}"] = min(obs)
-        out[f"allreduce_raw_ns_{n}"] = min(raw)
-
-
 def _c4_fields(rank, rec, C, out, outdir):
     """What the C4 detector reads: per-group wait sums match the records, a held op
     (slow link) lasts its hold, and the publisher thread keeps publishing while the
@@ -303,7 +273,6 @@ def _worker(rank, port, outdir):
     _delay_and_pause(rank, rec, C, out)
     dist.barrier()
     C.monitored_barrier(wait_all_ranks=True)
-    _overhead(rank, rec, C, out)
     _c4_fields(rank, rec, C, out, outdir)
     out["group_states"] = {k: {"name": v["name"], "seq": v["seq"], "pending": len(v["pending"])}
                            for k, v in rec.group_states().items()}
@@ -452,54 +421,44 @@ def test_c4_wait_sums_hold_and_publisher_while_blocked(results):
     assert blocked["max_published_wait_s"] >= 0.6
 
 
-class _DoneWork:
-    def wait(self, timeout=None):
-        return True
+class _CountingGroup:
+    """Stands in for the real group: counts the calls and waits the wrapper makes."""
 
-
-class _NullGroup:
-    """Stands in for the real group: isolates the wrapper's own cost."""
-
-    work = _DoneWork()
     group_name = "bench"
 
+    def __init__(self):
+        self.calls = self.waits = 0
+
     def allreduce(self, tensors, *a):
-        return self.work
+        self.calls += 1
+        group = self
+
+        class Work:
+            def wait(self, timeout=None):
+                group.waits += 1
+                return True
+
+        return Work()
 
 
-def test_overhead_report(results):
+def test_wrapper_forwards_once_and_never_waits_for_the_caller():
+    """The wrapper's cost is bookkeeping: one inner call per op, no wait of its own before the
+    caller's, no store (it has none), one record. Its time per op is measured by
+    bench/collectives.py (docs/benchmarks.md), not asserted here."""
     from dist_train.fault.collectives import ObservedProcessGroup
     from dist_train.fault.recorder import CollectiveRecorder
 
-    null = _NullGroup()
-    g = ObservedProcessGroup(None, 0, 1, null, (0,), CollectiveRecorder())
+    inner, rec = _CountingGroup(), CollectiveRecorder()
+    g = ObservedProcessGroup(None, 0, 1, inner, (0,), rec)
     g.label = "bench"
-    ts = [torch.ones(1)]
-
-    def per_op(fn, n=20000):
-        best = float("inf")
-        for _ in range(5):
-            t0 = time.perf_counter_ns()
-            for _ in range(n):
-                fn(ts).wait()
-            best = min(best, (time.perf_counter_ns() - t0) / n)
-        return best
-
-    bare, wrapped = per_op(null.allreduce), per_op(g.allreduce)
-    print(f"\nwrapper alone (null inner group): {wrapped:.0f} ns/op vs {bare:.0f} ns/op bare "
-          f"(+{wrapped - bare:.0f} ns)")
-    for r, res in enumerate(results):
-        print(f"rank {r}: recorder bookkeeping {res['bookkeeping_ns']:.0f} ns/op")
-        for n in (1, 16384):
-            obs, raw = res[f"allreduce_observed_ns_{n}"], res[f"allreduce_raw_ns_{n}"]
-            print(f"  2-rank {n}-float all_reduce observed {obs / 1e3:.1f} us vs raw {raw / 1e3:.1f} us "
-                  f"(+{(obs - raw) / 1e3:.1f} us, x{obs / raw:.3f})")
-        # bench/collectives.py (docs/benchmarks.md): observed / raw 1.02-1.03 for 16384 floats (the
-        # wrapper's tens of us against ~2 ms); 1.25 leaves room for a loaded machine (best of 5
-        # interleaved blocks) and fails a wrapper that blocks, locks or talks to the store per op
-        obs, raw = res["allreduce_observed_ns_16384"], res["allreduce_raw_ns_16384"]
-        assert obs <= 1.25 * raw, f"rank {r}: observed all_reduce {obs / 1e3:.1f} us vs raw {raw / 1e3:.1f} us"
-    assert wrapped > bare
+    works = [g.allreduce([torch.ones(3)]) for _ in range(5)]
+    assert (inner.calls, inner.waits) == (5, 0), "forwarded once each, not waited on by the wrapper"
+    for w in works:
+        w.wait()
+    assert inner.waits == 5
+    recs = rec.records()
+    assert len(recs) == 5 and all(r.kind == "all_reduce" and r.t_exit for r in recs)
+    assert rec.step_summary()["all_reduce"] == {"count": 5, "bytes": 5 * 3 * 4}
 
 
 def test_recorder_alone():

@@ -165,10 +165,13 @@ def test_sbatch_script_loses_a_node_then_grows_back(tmp_path):
     assert logs.count("4 rank(s) on 2 node(s)") >= 2, "the world grew back to two nodes"
     # the steps after each checkpoint were computed twice, on different worlds: from the same
     # state over the same samples, so they agree as one step's sums in another order do, for
-    # each step since the checkpoint (SGD: the differences add up, they do not grow)
-    redone = [json.loads(line) for line in (run_dir / "metrics.discarded.jsonl").read_text().splitlines()]
+    # each step since the checkpoint (SGD: the differences add up, they do not grow). None were
+    # redone when both restarts came right after a checkpoint (seen once in CI: killed after step 15)
+    discarded = run_dir / "metrics.discarded.jsonl"
+    redone = [json.loads(line) for line in discarded.read_text().splitlines()] if discarded.exists() else []
+    print(f"{len(redone)} step(s) recomputed after the restarts")
     by_step = {r["step"]: r for r in records}
-    assert redone and all(r["step"] > resumes[0] for r in redone)
+    assert all(r["step"] > resumes[0] for r in redone)
     for r in redone:
         since = r["step"] - max(c for c in resumes if c < r["step"])
         assert_values_match([r["loss"]], [by_step[r["step"]]["loss"]], TOKENS, f"step {r['step']} redone",
