@@ -217,14 +217,30 @@ class Trainer:
         if stats.healed_step is None:
             return start
         step = stats.healed_step
+        self._move_to(step)
+        self.optimizer.state.clear()
+        self.healed = (step, stats.healed_from)
+        return step
+
+    def _move_to(self, step: int) -> None:
+        """Go on from `step` after healing from a replica there: the data sequence and the
+        learning rate move with it."""
         self.sampler.seek(step)
         sd = self.scheduler.state_dict()
         self.scheduler.load_state_dict({**sd, "last_epoch": step, "_step_count": step + 1})
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
             group["lr"] = lr
-        self.optimizer.state.clear()
-        self.healed = (step, stats.healed_from)
-        return step
+
+    def _catch_up(self, outer, step: int) -> int:
+        """A straggler: the live replicas' quorum went a round without it, and it healed from
+        one a round ahead in this outer step. It goes on from the source's step (those inner
+        steps it did not compute are the source's), keeping its inner optimizer state."""
+        if outer is None or outer.healed_step is None or outer.healed_step <= step:
+            return step
+        self.log(f"DiLoCo: step {step}: healed from replica {outer.healed_from}, a round ahead; going on from "
+                 f"its step {outer.healed_step}")
+        self._move_to(outer.healed_step)
+        return outer.healed_step
 
     def _bad_update(self):
         """A `bad_update` drill fault for this rank (fault/inject.py), as the outer loop's tamper."""
@@ -429,8 +445,9 @@ class Trainer:
         for why in o.retries:
             self.log(f"DiLoCo: step {step}: a replica left during the outer step ({why}); ran it again "
                      "on the next quorum with the same pseudo-gradients")
+        healed = {} if o.healed_from is None else {"healed_from": o.healed_from, "healed_step": o.healed_step}
         return {"outer_step": o.outer_step, "replicas": o.replicas, "synced_fragments": o.synced,
-                "applied_fragments": o.applied, "rejected": rejected, "retries": o.retries}
+                "applied_fragments": o.applied, "rejected": rejected, "retries": o.retries, **healed}
 
     def _check_quorum_timeout(self, outer, step_time: float) -> None:
         """An elastic replica waits for its peers at every outer step for up to
@@ -516,7 +533,9 @@ class Trainer:
         self.recorder.reset_step_counts()  # start-up collectives are no step's
         c4 = start_monitor(self.cfg, self.env, self.recorder, self.device, self.log)
         with contextlib.closing(c4), self.metrics_log(start) as metrics:
-            for step in range(start + 1, self.cfg.train.steps + 1):
+            step = start
+            while step < self.cfg.train.steps:
+                step += 1
                 t0 = time.perf_counter()
                 c4.step_begin(step)
                 loss, grad_norm = self.train_step()
@@ -534,6 +553,7 @@ class Trainer:
                 self.finish_save(c4, metrics.last)
                 self._check_quorum_timeout(outer, step_time)
                 c4.step_end(step, time.perf_counter() - t0)
+                step = self._catch_up(outer, step)
                 if self.checkpoint_due(step):
                     metrics.flush()  # metrics.jsonl holds every step a checkpoint holds
                     self.save(step, c4)

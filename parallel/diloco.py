@@ -86,7 +86,7 @@ class ReplicaComm(Protocol):
 
     def agree(self, ok: bool) -> bool: ...
 
-    def round_done(self) -> None: ...
+    def round_done(self, outer: "OuterLoop") -> None: ...  # the round succeeded on every rank
 
     def replica_norms(self, local_sq: float) -> list[float]: ...
 
@@ -141,7 +141,7 @@ class MeshReplicaComm:
     def agree(self, ok: bool) -> bool:
         return ok
 
-    def round_done(self) -> None:
+    def round_done(self, outer: "OuterLoop") -> None:
         pass
 
     def replica_norms(self, local_sq: float) -> list[float]:
@@ -272,8 +272,8 @@ class OuterStats:
     rejected: list[Rejection] = field(default_factory=list)
     replicas: int = 1
     retries: list[str] = field(default_factory=list)     # rounds run again because a member left, and why
-    healed_from: str | None = None                       # a joiner's source replica, on the step it healed
-    healed_step: int | None = None
+    healed_from: str | None = None                       # the replica this one healed from, on the step it did
+    healed_step: int | None = None                       # the source's step then (a straggler goes on from it)
 
 
 class _Done:
@@ -315,6 +315,7 @@ class OuterLoop:
             self.momentum = {n: torch.zeros_like(g) for n, g in self.global_.items()}
         self.history: list[list[float]] = [[] for _ in range(F)]
         self.applied_updates = 0  # fragment updates applied; outer_step = this // F
+        self.lineage = 0  # elastic: which quorums the global state went through (parallel/elastic.py)
         self.in_flight: list[_InFlight] = []
         self.stats = OuterStats(replicas=comm.size)
         self.weight_factor = 1.0  # 0 for a replica that has not trained a whole round since it healed
@@ -375,7 +376,7 @@ class OuterLoop:
                 self.stats.retries.append(f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
             if self.comm.agree(ok):
                 break
-        self.comm.round_done()
+        self.comm.round_done(self)
         self.stats.replicas = self.comm.size
         self.stats.rejected += rejected
         self.history[f] = (self.history[f] + accepted)[-HISTORY:]
@@ -467,7 +468,8 @@ class OuterLoop:
         return [*self.global_.values(), *self.momentum.values()]
 
     def heal_meta(self, step: int) -> dict:
-        return {"applied_updates": self.applied_updates, "history": self.history, "step": step}
+        return {"applied_updates": self.applied_updates, "history": self.history, "step": step,
+                "lineage": self.lineage}
 
     def receive_heal(self, tensors: list[torch.Tensor], meta: dict, source: str) -> None:
         """Take a live replica's outer state (tensors as `heal_tensors` orders them) and start
@@ -475,7 +477,7 @@ class OuterLoop:
         with torch.no_grad():
             for dst, src in zip(self.heal_tensors(), tensors):
                 dst.copy_(src)
-        self.applied_updates = int(meta["applied_updates"])
+        self.applied_updates, self.lineage = int(meta["applied_updates"]), int(meta["lineage"])
         self.history = [list(h) for h in meta["history"]]
         self.in_flight = []
         self._adopt(list(self.params), mix=0.0)
@@ -498,12 +500,14 @@ class OuterLoop:
     # so a checkpoint reshards. To load: `set_meta` first, then load into `tensors()`.
     def meta(self) -> dict:
         self.flush()
-        return {"applied_updates": self.applied_updates, "history": [list(h) for h in self.history],
+        return {"applied_updates": self.applied_updates, "lineage": self.lineage,
+                "history": [list(h) for h in self.history],
                 "in_flight": [{"fragment": j.fragment, "step": j.step, "apply_at": j.apply_at}
                               for j in self.in_flight]}
 
     def set_meta(self, meta: dict) -> None:
         self.applied_updates = int(meta["applied_updates"])
+        self.lineage = int(meta.get("lineage", 0))  # checkpoints before it have none: healed if it differs
         self.history = [list(h) for h in meta["history"]]
         self.in_flight = [_InFlight(j["fragment"], j["step"], j["apply_at"],
                                     result=[torch.zeros_like(self.global_[n]) for n, _ in self.fragments[j["fragment"]]])

@@ -6,11 +6,17 @@ every replica meet in torchft's reconfigurable gloo group, rebuilt for each quor
 round (one outer step of parallel/diloco.py):
   1. quorum: the replicas present now (a replica that died is dropped after the
      lighthouse's heartbeat timeout; one waiting to join is in);
-  2. status: every replica's (outer steps applied, trainer step) gathered; the source is
-     the lowest-index replica with the most outer steps; every replica behind it (a
-     joiner, or one restarted from an older checkpoint) receives the source's outer state
-     (global parameters, momentum, counters) from that one source, shard by shard over
-     point-to-point sends, and starts from its global parameters. A healed replica's
+  2. status: every replica's (outer steps applied, trainer step, lineage) gathered; the
+     source is the lowest-index replica with the most outer steps (then the latest step);
+     every replica behind it or apart from it receives the source's outer state (global
+     parameters, momentum, counters) from that one source, shard by shard over
+     point-to-point sends, and starts from its global parameters. Behind: a joiner, one
+     restarted from an older checkpoint, a straggler that the others' quorum left out of a
+     round (the trainer then goes on from the source's step). Apart: same counts, but
+     another lineage, a CRC of the quorum ids its state went through: two replicas that
+     averaged in different quorums (torchft's lighthouse forms a quorum without a live
+     replica that is over its join timeout late, e.g. when a joiner was already waiting)
+     hold different global parameters under the same counts. A healed replica's
      pseudo-gradient weighs 0 until it has trained a whole round from the healed state;
   3. the norms and the average of parallel/diloco.py.
 Any collective that fails because a member left (connection reset, timeout) fails the
@@ -35,6 +41,18 @@ try:
     from dist_train.fault.recorder import wire_bytes
 except ImportError:  # pragma: no cover
     wire_bytes = None
+
+
+def heal_plan(applied: list[float], steps: list[float], lineage: list[float]) -> tuple[int, list[int]]:
+    """(source, the replicas that take its outer state) from every replica's status: the
+    source is the lowest index with the most outer steps applied, then the latest step;
+    behind or apart from it is any replica with fewer, an earlier step or another lineage."""
+    top = max(applied)
+    latest = max(s for a, s in zip(applied, steps) if a == top)
+    source = min(r for r in range(len(applied)) if applied[r] == top and steps[r] == latest)
+    behind = [r for r in range(len(applied)) if r != source and (
+        applied[r] < top or steps[r] < latest or lineage[r] != lineage[source])]
+    return source, behind
 
 
 class PGOps:
@@ -149,17 +167,14 @@ class ElasticReplicaComm:
         q = self.m.quorum()
         self.log(f"DiLoCo: replica {self.replica_id} step {step}: outer round with {q.size} replica(s)")
         fresh = self.fresh or self.joining
-        status = torch.tensor([float(outer.applied_updates), float(step), float(fresh), *map(float, self.shape.values())],
-                              dtype=torch.float64)
+        status = torch.tensor([float(outer.applied_updates), float(step), float(fresh), float(outer.lineage),
+                               *map(float, self.shape.values())], dtype=torch.float64)  # a CRC32 is exact in fp64
         width = status.numel()
         every = torch.empty(self.size * width, dtype=torch.float64).view(self.size, width)
         self.ops.all_gather(every.view(-1), status).wait()
-        applied, steps, fresh_of = (every[:, i].tolist() for i in range(3))
-        self._check_shape(every[:, 3:], fresh_of)
-        top = max(applied)
-        source = min(r for r in range(self.size) if applied[r] == top and steps[r] == max(
-            s for a, s in zip(applied, steps) if a == top))
-        behind = [r for r in range(self.size) if r != source and (applied[r] < top or steps[r] < steps[source])]
+        applied, steps, fresh_of, lineage = (every[:, i].tolist() for i in range(4))
+        self._check_shape(every[:, 4:], fresh_of)
+        source, behind = heal_plan(applied, steps, lineage)
         if self.index == source:
             for r in behind:
                 self.log(f"DiLoCo: replica {self.replica_id} step {step}: sending its outer state to the replica at "
@@ -170,10 +185,13 @@ class ElasticReplicaComm:
             self.fresh = True
         return [0.0 if (r in behind or fresh_of[r]) else 1.0 for r in range(self.size)]
 
-    def round_done(self) -> None:
+    def round_done(self, outer) -> None:
         """The round succeeded on every rank of this replica: one that healed (or joined) in
-        it trains a whole round from there, and counts at the next round."""
+        it trains a whole round from there, and counts at the next round; the global state
+        went through this quorum (every member's lineage takes the same next value)."""
         self.fresh = self.joining = False
+        q = self.m.current
+        outer.lineage = zlib.crc32(f"{q.quorum_id}/{q.size}".encode(), outer.lineage)
 
     def _check_shape(self, shapes: torch.Tensor, fresh_of: list[float]) -> None:
         """Compare every replica's shape with the reference one (the lowest-index replica

@@ -35,6 +35,17 @@ def wait_for(what, predicate, timeout: float = 240.0, poll: float = 0.1):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def steps_once(rs: list[dict], last: int) -> list[int]:
+    """Every step once, in order, up to `last`; after a straggler healed from a replica a
+    round ahead (its record names the source's step), it goes on from that step."""
+    expect = rs[0]["step"]
+    for r in rs:
+        assert r["step"] == expect, [(x["step"], x.get("healed_step")) for x in rs]
+        expect = max(r["step"], r.get("healed_step") or 0) + 1
+    assert expect == last + 1, (expect, last)
+    return [r["step"] for r in rs]
+
+
 def log_has(replica, text: str) -> bool:
     return replica.log.exists() and text in replica.log.read_text(errors="replace")
 
@@ -81,8 +92,7 @@ def test_a_replica_leaves_inside_an_outer_step_and_another_joins(tmp_path, light
     finally:
         jobs.stop()
     ra, rc = records(a.run_dir), records(c.run_dir)
-    first_a = ra[0]["step"]  # 1, or where a healed from b had b started first
-    assert [r["step"] for r in ra] == list(range(first_a, steps + 1))  # no gap, no repeat: no inner step lost
+    steps_once(ra, steps)  # no inner step lost (a straggler's skip names its source's step)
     by_step = {r["step"]: r for r in ra}
     assert by_step[two]["replicas"] == 1 and by_step[two]["retries"], by_step[two]  # b died inside: run again alone
     replicas = [r["replicas"] for r in ra]
@@ -94,7 +104,8 @@ def test_a_replica_leaves_inside_an_outer_step_and_another_joins(tmp_path, light
     initial = next(r[0]["loss"] for r in (ra, records(b.run_dir)) if r and r[0]["step"] == 1)  # a, or b if a healed
     assert first["loss"] < initial - 1.0  # the survivor's level, not the initial loss
     synced = [r for r in rc if r["applied_fragments"]]
-    assert synced and all(r["outer_digest"] == by_step[r["step"]]["outer_digest"] for r in synced)
+    same = lambda r: by_step.get(r.get("healed_step") or r["step"], {}).get("outer_digest")  # noqa: E731
+    assert synced and all(r["outer_digest"] == same(r) for r in synced)
 
 
 @pytest.mark.slow
@@ -118,13 +129,16 @@ def test_the_source_dies_while_a_joiner_heals_tp2(tmp_path, lighthouse):
         jobs.stop()
     rb, rc = records(b.run_dir), records(c.run_dir)
     assert rc[0].get("healed_from") == "b", rc[0]
-    assert [r["step"] for r in rb] == list(range(rb[0]["step"], steps + 1))
-    assert [r["step"] for r in rc] == list(range(rc[0]["step"], steps + 1))
+    steps_once(rb, steps)
+    steps_once(rc, steps)
     by_step = {r["step"]: r for r in rb}
-    # while a lived, three replicas may meet two at a time; once a is gone b and c sync together
+    # while a lived, three replicas may meet two at a time; once a is gone b and c sync together.
+    # A round one of them missed (over the lighthouse's join timeout late) is healed at the next:
+    # a straggler takes the state of the source's step, apart lineages the source's state
     a_end = max([r["step"] for r in records(a.run_dir)], default=0)
     synced = [r for r in rc if r["applied_fragments"] and r["step"] > a_end + H and r["replicas"] == 2]
-    assert synced and all(r["outer_digest"] == by_step[r["step"]]["outer_digest"] for r in synced), synced
+    same = lambda r: by_step.get(r.get("healed_step") or r["step"], {}).get("outer_digest")  # noqa: E731
+    assert synced and all(r["outer_digest"] == same(r) for r in synced), synced
 
 
 @pytest.mark.slow
@@ -210,3 +224,13 @@ def test_a_joiner_of_another_shape_is_refused_naming_the_field(tmp_path, lightho
     assert len(lines) == 1 and "model.dim = 32 here, but the running replicas have 64" in lines[0], out[-2000:]
     assert "Traceback" not in out
     assert records(a.run_dir)[-1]["step"] == 120
+
+
+def test_heal_plan_picks_one_source_and_heals_the_behind_and_the_apart():
+    from dist_train.parallel.elastic import heal_plan
+
+    assert heal_plan([4, 4], [20, 20], [7, 7]) == (0, [])  # in step: nobody heals
+    assert heal_plan([0, 4, 4], [0, 20, 20], [0, 7, 7]) == (1, [0])  # a joiner heals from the lowest index
+    assert heal_plan([4, 5], [55, 60], [7, 9]) == (1, [0])  # a straggler the last round went without
+    assert heal_plan([5, 5, 5], [60, 60, 60], [9, 3, 9]) == (0, [1])  # averaged in another quorum: apart
+    assert heal_plan([5, 5], [55, 60], [9, 9]) == (1, [0])  # restarted from an older checkpoint's step
