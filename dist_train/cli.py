@@ -71,8 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("lighthouse", help="the coordinator of elastic DiLoCo replicas (torchft's Lighthouse)")
     sp.add_argument("--bind", default="127.0.0.1:29510", help="HOST:PORT to listen on (port 0: any free one)")
     sp.add_argument("--min-replicas", type=int, default=1, help="an outer step needs at least this many replicas")
-    sp.add_argument("--join-timeout-s", type=float, default=5.0,
-                    help="wait this long for the last quorum's replicas before forming a smaller quorum")
+    sp.add_argument("--join-timeout-s", type=float, default=60.0,
+                    help="wait this long for live replicas before forming a quorum without them (default 60; keep it "
+                         "above H x the step time: a live replica later than this misses the round)")
     sp.add_argument("--heartbeat-timeout-s", type=float, default=5.0,
                     help="a replica silent this long has left")
     sp = sub.add_parser("prepare", help="turn text / JSONL / Parquet files into token shards (or a Megatron pair)")

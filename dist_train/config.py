@@ -154,8 +154,9 @@ class ElasticSection:
     replica_id: str = _f("", "this replica's name, unique among the replicas (each replica is its own job)")
     min_replicas: int = _f(1, "an outer step needs at least this many replicas", min=1)
     heartbeat_s: float = _f(0.1, "seconds between a replica's heartbeats to the lighthouse", min=0.01)
-    join_timeout_s: float = _f(5.0, "`dist-train local --replicas`: the lighthouse waits this long for replicas of "
-                               "the last quorum before forming a smaller one", min=0.1)
+    join_timeout_s: float = _f(60.0, "`dist-train local --replicas`: the lighthouse waits this long for live "
+                               "replicas before forming a quorum without them; a live one later than this misses the "
+                               "round and heals at the next, so keep it above H x the step time", min=0.1)
     quorum_timeout_s: float = _f(120.0, "a replica waits this long for a quorum at an outer step (it must exceed "
                                  "H x the step time: peers arrive up to a round apart); then it stops", min=1.0)
     timeout_s: float = _f(30.0, "a cross-replica transfer that makes no progress this long means a member left",

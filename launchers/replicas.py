@@ -21,7 +21,7 @@ from pathlib import Path
 from dist_train.errors import UserError
 
 
-def start_lighthouse(bind: str = "127.0.0.1:0", min_replicas: int = 1, join_timeout_s: float = 5.0,
+def start_lighthouse(bind: str = "127.0.0.1:0", min_replicas: int = 1, join_timeout_s: float = 60.0,
                      heartbeat_timeout_s: float = 5.0):
     """torchft's LighthouseServer bound to HOST:PORT (port 0: any free one); `.address()`
     is its URL, `.shutdown()` stops it."""
@@ -152,7 +152,7 @@ def pids_of(*markers: str) -> list[int]:
 
 
 def local_replicas(config: str | None, overrides: list[str], nproc: int, replicas: int, run_root: Path,
-                   min_replicas: int = 1, join_timeout_s: float = 5.0) -> dict[str, int]:
+                   min_replicas: int = 1, join_timeout_s: float = 60.0) -> dict[str, int]:
     """`dist-train local --nproc K --replicas R`: a lighthouse and R replica jobs here; waits
     for all and returns their exit codes."""
     lh = start_lighthouse("127.0.0.1:0", min_replicas, join_timeout_s)
@@ -192,7 +192,7 @@ def rounds(replica: Replica, n: int | None = None) -> list[int]:
     return [int(m.group(1)) for m in re.finditer(pattern, text)]
 
 
-def lighthouse_process(bind: str, join_timeout_s: float = 1.0, heartbeat_timeout_s: float = 2.0) -> subprocess.Popen:
+def lighthouse_process(bind: str, join_timeout_s: float = 30.0, heartbeat_timeout_s: float = 2.0) -> subprocess.Popen:
     """`dist-train lighthouse` as a process of its own (a drill kills it with kill -9)."""
     proc = subprocess.Popen([sys.executable, "-m", "dist_train", "lighthouse", "--bind", bind, "--join-timeout-s",
                              str(join_timeout_s), "--heartbeat-timeout-s", str(heartbeat_timeout_s)],
