@@ -213,6 +213,11 @@ class MetricsSection:
     tensorboard: bool = _f(False, "also write TensorBoard event files (needs the tensorboard extra)")
     log_every: int = _f(1, "write metrics every n steps", min=1)
     report: bool = _f(True, "draw the report PNGs when the run ends")
+    noise_scale: bool = _f(False, "estimate the gradient noise scale B_simple (McCandlish et al. 2018) from each "
+                           "micro-batch's and the step's gradient norms: no extra collective, but a norm of every "
+                           "gradient per micro-batch; null under tp or ep > 1 and with one micro-batch per step")
+    noise_scale_ema: float = _f(0.95, "noise scale: EMA factor applied to its estimates of the squared gradient "
+                                "norm and of tr(Sigma) separately (0 = this step's alone)", min=0.0, max=0.999)
 
 
 SECTIONS = {
