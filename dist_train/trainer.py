@@ -538,7 +538,8 @@ class Trainer:
         cfg, writer, progress = self.cfg, None, None
         if self.rank == 0:
             write_resolved_config(cfg, start)
-            writer = MetricsWriter(self.run_dir, resume_step=start, tensorboard=cfg.metrics.tensorboard)
+            writer = MetricsWriter(self.run_dir, resume_step=start, tensorboard=cfg.metrics.tensorboard,
+                                   wandb=_wandb_options(cfg) if cfg.metrics.wandb else None)
             progress = _progress(cfg, start)
             nodes = self.env.world_size // self.env.local_world_size
             self.log(f"dist-train: {self.dims.describe()}, {self.env.world_size} rank(s) on {nodes} node(s) "
@@ -598,6 +599,14 @@ def _reshard(parts) -> None:
         for m in part.modules():
             if isinstance(m, FSDPModule):
                 m.reshard()
+
+
+def _wandb_options(cfg: Config) -> dict:
+    """wandb.init's arguments from [metrics] (empty fields left to W&B's defaults)."""
+    m = cfg.metrics
+    return {"project": m.wandb_project, "entity": m.wandb_entity or None, "name": m.wandb_name or cfg.run.name,
+            "group": m.wandb_group or None, "tags": list(m.wandb_tags) or None, "mode": m.wandb_mode,
+            "config": cfg.to_dict()}
 
 
 def _progress(cfg: Config, start: int):
