@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-EXTRAS ?= test,triton,tokenizers,elastic,ray,hf,megatron
+EXTRAS ?= test,triton,tokenizers,elastic,ray,hf,megatron,wandb
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 

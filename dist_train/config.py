@@ -214,6 +214,19 @@ class MetricsSection:
     tensorboard: bool = _f(False, "also write TensorBoard event files (needs the tensorboard extra)")
     log_every: int = _f(1, "write metrics every n steps", min=1)
     report: bool = _f(True, "draw the report PNGs when the run ends")
+    noise_scale: bool = _f(False, "estimate the gradient noise scale B_simple (McCandlish et al. 2018) from each "
+                           "micro-batch's and the step's gradient norms: no extra collective, but a norm of every "
+                           "gradient per micro-batch; null under tp or ep > 1 and with one micro-batch per step")
+    noise_scale_ema: float = _f(0.95, "noise scale: EMA factor applied to its estimates of the squared gradient "
+                                "norm and of tr(Sigma) separately (0 = this step's alone)", min=0.0, max=0.999)
+    wandb: bool = _f(False, "also log every metrics.jsonl key to Weights & Biases from rank 0 (needs the wandb extra)")
+    wandb_project: str = _f("dist-train", "W&B project")
+    wandb_entity: str = _f("", "W&B entity (team or user); empty = your default entity")
+    wandb_name: str = _f("", "W&B run name; empty = run.name")
+    wandb_group: str = _f("", "W&B run group (e.g. one sweep); empty = none")
+    wandb_tags: list = _f(list, "W&B run tags, e.g. ['fsdp', 'baseline']")
+    wandb_mode: str = _f("online", "W&B mode: online, offline (files under <run dir>/wandb, `wandb sync` later) or "
+                         "disabled", choices=("online", "offline", "disabled"))
 
 
 SECTIONS = {

@@ -58,8 +58,18 @@ def preflight(cfgs: list[Config], nproc: int, nodes: int = 1, *,
         vocab = source_vocab_size(shard_dir, cfg.data.tokenizer) if shard_dir else None
         runs.append(RunPlan(cfg, check_layout(cfg, nproc, nproc // nodes, vocab), shard_dir))
         check_run_dir(cfg)
+        check_extras(cfg)
     c4, sigstops = _launcher_faults(cfgs, nproc)
     return LaunchPlan(runs, c4, sigstops)
+
+
+def check_extras(cfg: Config) -> None:
+    """Optional packages the config asks for, checked before anything starts."""
+    import importlib.util
+
+    if cfg.metrics.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("metrics.wandb = true needs the wandb package: pip install 'dist-train[wandb]', "
+                          "or set metrics.wandb = false")
 
 
 def check_layout(cfg: Config, world_size: int, local_world_size: int | None = None,

@@ -169,12 +169,63 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def flatten(record: dict, sep: str = "/", prefix: str = "") -> dict:
+    """Nested dicts as one level, keys joined with "/" as the TensorBoard tags here
+    (`comm/all_gather/bytes`); lists and other values as they are, null included, and an
+    empty dict (e.g. `comm_by_dim` of a step without traffic) as null."""
+    out = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, sep, name + sep))
+        else:
+            out[name] = None if isinstance(value, dict) else value
+    return out
+
+
+class WandbLogger:
+    """Every metrics.jsonl record, flattened, as one W&B history row at its step (rank 0
+    only: the MetricsWriter's). The W&B run id is kept in `<run dir>/wandb/run_id`, so a
+    resumed run goes on logging into the same W&B run (W&B drops the redone steps it
+    already holds, with a warning)."""
+
+    def __init__(self, run_dir: Path, options: dict):
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("metrics.wandb = true needs the wandb package: pip install 'dist-train[wandb]', "
+                            "or set metrics.wandb = false") from None
+        folder = Path(run_dir) / "wandb"
+        folder.mkdir(parents=True, exist_ok=True)
+        id_file = folder / "run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else _new_run_id()
+        self._run = wandb.init(dir=str(run_dir), id=run_id, resume="allow", **options)
+        id_file.write_text(run_id + "\n")
+
+    def log(self, record: dict) -> None:
+        self._run.log(flatten(record), step=int(record["step"]))
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+def _new_run_id() -> str:
+    """A W&B run id as W&B draws them: 8 lowercase letters and digits."""
+    import secrets
+    import string
+
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
 class MetricsWriter:
-    def __init__(self, run_dir: Path, resume_step: int = 0, tensorboard: bool = False):
+    def __init__(self, run_dir: Path, resume_step: int = 0, tensorboard: bool = False, wandb: dict | None = None):
+        """`wandb`: wandb.init's arguments (project, entity, name, group, tags, mode,
+        config) to log every record to W&B too; None = off."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self._rewind(resume_step)
         self._file = open(self.path, "a")
         self._tb = None
+        self._wandb = WandbLogger(run_dir, wandb) if wandb is not None else None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -207,15 +258,20 @@ class MetricsWriter:
         self._file.flush()
         if self._tb is not None:
             step = record["step"]
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s"):
-                self._tb.add_scalar(f"train/{key}", record[key], step)
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "noise_scale"):
+                if record.get(key) is not None:  # noise_scale: only with metrics.noise_scale, null when n/a
+                    self._tb.add_scalar(f"train/{key}", record[key], step)
             for kind, c in record.get("comm", {}).items():
                 self._tb.add_scalar(f"comm_bytes/{kind}", c["bytes"], step)
+        if self._wandb is not None:
+            self._wandb.log(record)
 
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

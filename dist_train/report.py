@@ -52,6 +52,9 @@ def write_report(run_dir: Path) -> Path:
     plot("memory", {"peak": [r["peak_memory_bytes"] / 2**30 for r in records]}, "peak memory per rank (GiB)")
     if any(r.get("mfu") is not None for r in records):  # n/a (null) off the peak-FLOPs table, e.g. CPUs
         plot("mfu", {"MFU": [nan if r.get("mfu") is None else r["mfu"] for r in records]}, "MFU")
+    if any(r.get("noise_scale") is not None for r in records):  # metrics.noise_scale; null where not available
+        plot("noise_scale", {"B_simple": [nan if r.get("noise_scale") is None else r["noise_scale"] for r in records]},
+             "gradient noise scale B_simple (samples)")
     comm = {k: [r.get("comm", {}).get(k, {}).get("bytes", 0) for r in records] for k in COMM_KINDS}
     comm = {k: v for k, v in comm.items() if any(v)}
     if comm:
@@ -82,6 +85,13 @@ def write_page(run_dir: Path, out: Path, records: list[dict]) -> Path:
              ("median MFU", f"{median(mfu):.1%}" if mfu else "n/a (device not in the peak-FLOPs table)"),
              ("peak memory per rank", f"{max(r['peak_memory_bytes'] for r in records) / 2**30:.2f} GiB"),
              ("tokens", f"{last['tokens']:,}")]
+    if "noise_scale" in last:  # metrics.noise_scale on: the last figure (an EMA), or why there is none
+        noise = [r["noise_scale"] for r in records if r.get("noise_scale") is not None]
+        seq = _seq_len(run_dir)
+        rows.append(("gradient noise scale B_simple (last)",
+                     (f"{noise[-1]:.3g} samples" + (f" ({noise[-1] * seq:,.0f} tokens)" if seq else ""))
+                     if noise
+                     else "n/a (null: one micro-batch per step, tp or ep > 1, or no positive estimate yet)"))
     for dim, c in sorted(last.get("comm_by_dim", {}).items()):
         rows.append((f"{dim} wire bytes / step (last)", f"{c['wire_bytes']:,}"))
     findings = _jsonl(run_dir / "c4" / "findings.jsonl")
@@ -104,8 +114,20 @@ def write_page(run_dir: Path, out: Path, records: list[dict]) -> Path:
     return path
 
 
+def _seq_len(run_dir: Path) -> int | None:
+    """data.seq_len of the run's resolved config (a sample's tokens), if it has one."""
+    try:
+        import tomllib
+    except ImportError:  # pragma: no cover
+        import tomli as tomllib
+    try:
+        return int(tomllib.loads((run_dir / "config.toml").read_text())["data"]["seq_len"])
+    except (OSError, KeyError, ValueError, tomllib.TOMLDecodeError):
+        return None
+
+
 def _figure_order(p: Path) -> int:
-    order = ["loss", "lr", "throughput", "mfu", "memory", "comm_bytes", "comm_by_dim", "c4_timeline"]
+    order = ["loss", "lr", "throughput", "mfu", "noise_scale", "memory", "comm_bytes", "comm_by_dim", "c4_timeline"]
     return order.index(p.stem) if p.stem in order else len(order)
 
 

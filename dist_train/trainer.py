@@ -9,6 +9,7 @@ layout-independently, then train.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import time
@@ -40,6 +41,7 @@ from .layout import preflight
 from .metrics import GatheredStats, MetricsLog, MetricsWriter, StepStats, peak_memory_bytes
 from .mfu import device_name, mfu, peak_flops
 from .model import ModelArgs, count_params, flops_per_token
+from .noise_scale import MicroBatchSquares, NoiseScale
 from .parallelize import diloco_fragments, parallelize
 from .schedules import lr_factor
 
@@ -152,9 +154,28 @@ class Trainer:
         moe.set_aux_grad_scale(self.par.parts, 1.0 if pipelined else 1.0 / self.sampler.num_micro_batches,
                                pipelined=pipelined)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
+        self.noise, self.grad_squares = self._setup_noise_scale(pipelined) if cfg.metrics.noise_scale else (None, None)
         # A one-rank job has no FSDP to cast for it: autocast gives it the same mixed precision.
         self.autocast = (torch.autocast(self.device.type, dtype=self.dtype)
                          if self.dtype != torch.float32 and not self.dims.fsdp_enabled else nullcontext())
+
+    def _setup_noise_scale(self, pipelined: bool):
+        """The gradient noise scale (dist_train/noise_scale.py): hooks summing each micro-batch's
+        squared gradient norm on this rank (plain accumulation scales each loss by 1 / n; a
+        pipeline schedule scales gradients after the backward instead), and the estimator."""
+        t, d = self.cfg.train, self.dims
+        why = None
+        if d.tp > 1:
+            why = (f"parallel.tp = {d.tp}: a sequence-parallel or tp-replicated weight's per-micro-batch gradient is "
+                   "a partial sum over the tp ranks, whose norm would need a collective")
+        elif d.ep > 1:
+            why = f"parallel.ep = {d.ep}: an expert's gradient on a rank already sums its whole ep group's tokens"
+        noise = NoiseScale(t.micro_batch, t.global_batch // d.diloco, self.cfg.metrics.noise_scale_ema, why)
+        if noise.unavailable:
+            self.log(f"metrics.noise_scale: not available here ({noise.unavailable}); noise_scale is null")
+            return noise, None
+        scale = 1.0 if pipelined else float(self.sampler.num_micro_batches)
+        return noise, MicroBatchSquares(self.par.parts, scale)
 
     def _held_out(self) -> int:
         """Samples at the end of the data kept for evaluation ([eval]), never trained on."""
@@ -274,12 +295,16 @@ class Trainer:
             state = self.checkpointer.load(path, self.model, self.optimizer, replica=self._replica(), extra=extra)
         self.sampler.load_state_dict(state["sampler"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.noise is not None and "noise_scale" in state:  # its averages go on where they were
+            self.noise.load_state_dict(state["noise_scale"])
         self.log(f"resumed from {path} at step {state['step']}")
         return state["step"]
 
     def save(self, step: int, c4) -> None:
         state = {"sampler": self.sampler.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "layout": self.dims.describe(), "world_size": self.dims.world_size}
+        if self.noise is not None:
+            state["noise_scale"] = self.noise.state_dict()
         with self.recorder.paused(), c4.busy("checkpoint"):  # peers wait for rank 0 here, legitimately
             extra = None
             if self.outer:
@@ -353,10 +378,13 @@ class Trainer:
         return torch.stack([l.detach().float() for l in losses]).mean()
 
     # ---- metrics ------------------------------------------------------------------------
-    def step_stats(self, loss: torch.Tensor, step_time: float, eval_loss: float) -> StepStats:
+    def step_stats(self, loss: torch.Tensor, step_time: float, eval_loss: float, grad_norm: float = 0.0) -> StepStats:
         """This rank's numbers for the step just taken (metrics.py gathers them)."""
         stats = StepStats()
         stats.add("loss", loss.item())
+        if self.grad_squares is not None:  # the noise scale's two squared norms (dist_train/noise_scale.py)
+            stats.add("gns_small_sq", self.grad_squares.take())  # sum over this rank's micro-batches
+            stats.add("gns_big_sq", grad_norm ** 2)  # the step's (this replica's) gradient
         stats.add("eval_loss", eval_loss)
         stats.add("peak_memory_bytes", peak_memory_bytes(self.device))
         stats.add("step_time_s", step_time)
@@ -404,6 +432,7 @@ class Trainer:
             "tokens_per_s": tokens / step_time,
             "mfu": mfu(tokens / step_time, self.flops_per_token, self.dims.world_size, self.peak_flops),
             "grad_norm": local["grad_norm"],
+            **self._noise_record(g),
             "step_time_s": step_time,
             "peak_memory_bytes": int(g.column("peak_memory_bytes").max()),
             "bubble_fraction": float((g.column("idle_s") / g.column("step_time_s")).mean()),
@@ -435,6 +464,18 @@ class Trainer:
         if local["c4_findings"] is not None:
             record["c4_findings"] = local["c4_findings"]
         return record
+
+    def _noise_record(self, g: GatheredStats) -> dict:
+        """`noise_scale` (and its raw numbers) from the gathered squares: the mean over all
+        the step's micro-batches of |g_j|^2 (pipeline stages' pieces add up, data-parallel
+        ranks hold other micro-batches), and the mean over replicas of |G|^2."""
+        if self.noise is None:
+            return {}
+        if "gns_small_sq" not in g:
+            return self.noise.update(math.nan, math.nan)  # not available: null
+        t = self.cfg.train
+        small = float(g.column("gns_small_sq").sum()) / (t.global_batch // t.micro_batch)
+        return self.noise.update(small, float(g.column("gns_big_sq").mean()))
 
     def _outer_record(self, o, step: int) -> dict:
         """DiLoCo's part of a record (every rank decides the same, so this rank's says it)."""
@@ -514,7 +555,8 @@ class Trainer:
         cfg, writer, progress = self.cfg, None, None
         if self.rank == 0:
             write_resolved_config(cfg, start)
-            writer = MetricsWriter(self.run_dir, resume_step=start, tensorboard=cfg.metrics.tensorboard)
+            writer = MetricsWriter(self.run_dir, resume_step=start, tensorboard=cfg.metrics.tensorboard,
+                                   wandb=_wandb_options(cfg) if cfg.metrics.wandb else None)
             progress = _progress(cfg, start)
             nodes = self.env.world_size // self.env.local_world_size
             self.log(f"dist-train: {self.dims.describe()}, {self.env.world_size} rank(s) on {nodes} node(s) "
@@ -546,7 +588,8 @@ class Trainer:
                     torch.cuda.synchronize(self.device)
                 step_time = time.perf_counter() - t0
                 eval_loss = self.evaluate() if self.eval_due(step) else float("nan")
-                metrics.submit(step, self.step_stats(loss, step_time, eval_loss), self.recorder.background,
+                metrics.submit(step, self.step_stats(loss, step_time, eval_loss, float(grad_norm)),
+                               self.recorder.background,
                                lr=self.scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
                                c4_findings=c4.findings_count, outer=outer, outer_s=t_outer, time=time.time(),
                                healed=self.healed if step == start + 1 else None)
@@ -576,6 +619,14 @@ def _reshard(parts) -> None:
         for m in part.modules():
             if isinstance(m, FSDPModule):
                 m.reshard()
+
+
+def _wandb_options(cfg: Config) -> dict:
+    """wandb.init's arguments from [metrics] (empty fields left to W&B's defaults)."""
+    m = cfg.metrics
+    return {"project": m.wandb_project, "entity": m.wandb_entity or None, "name": m.wandb_name or cfg.run.name,
+            "group": m.wandb_group or None, "tags": list(m.wandb_tags) or None, "mode": m.wandb_mode,
+            "config": cfg.to_dict()}
 
 
 def _progress(cfg: Config, start: int):
