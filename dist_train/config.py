@@ -84,6 +84,9 @@ class DataSection:
     text_field: str = _f("text", "parquet:/jsonl: sources: the column or field holding the text")
     tokenizer: str = _f("byte", "'byte' or the path of a HF tokenizer.json")
     seq_len: int = _f(128, "tokens per sample", min=2)
+    document_mask: bool = _f(False, "attention stays inside each document packed into a sample (EOS-delimited, the "
+                             "tokenizer's eos ends a document) and RoPE positions restart at each document; false = "
+                             "attend across documents, positions 0..seq_len-1")
     cache_dir: str = _f("", "where the bundled corpus is prepared; empty = ~/.cache/dist-train")
     verify: str = _f("background", "check every shard's full CRC32 once per run, spread over the ranks, in a "
                      "background thread (the run stops naming a damaged file); off = only the checks at open",

@@ -103,6 +103,7 @@ class Trainer:
         kernels.set_default_backend(cfg.kernels.backend)
         self.dataset = TokenDataset(shard_dir, cfg.data.seq_len, tokenizer=cfg.data.tokenizer)
         self.n_train = len(self.dataset) - self._held_out()
+        self.eos_id = self._document_eos()
         # each rank fully checks every world-th shard once, while training runs
         n_shards = len(self.dataset.shards.paths)
         self.verifier = (BackgroundVerifier(self.dataset.shards, range(self.rank, n_shards, self.env.world_size))
@@ -155,6 +156,22 @@ class Trainer:
         # A one-rank job has no FSDP to cast for it: autocast gives it the same mixed precision.
         self.autocast = (torch.autocast(self.device.type, dtype=self.dtype)
                          if self.dtype != torch.float32 and not self.dims.fsdp_enabled else nullcontext())
+
+    def _document_eos(self) -> int | None:
+        """The token that ends a document, with data.document_mask; None without."""
+        if not self.cfg.data.document_mask:
+            return None
+        eos = self.dataset.eos_id
+        if eos is None or not 0 <= eos < self.dataset.vocab_size:
+            raise DataError(f"data.document_mask = true needs the tokenizer's EOS id to find the documents, but "
+                            f"{self.dataset.dir} has eos_id = {eos}; set data.tokenizer to one with an EOS token or "
+                            "data.document_mask = false")
+        return eos
+
+    def _docs(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """The document ids of a batch's packed rows (data.document_mask), else None. Every rank
+        reads its own batch's tokens, so every pipeline stage and tp rank computes them itself."""
+        return None if self.eos_id is None else kernels.document_ids(inputs, self.eos_id).to(self.device)
 
     def _held_out(self) -> int:
         """Samples at the end of the data kept for evaluation ([eval]), never trained on."""
@@ -314,7 +331,7 @@ class Trainer:
         for i, (inputs, targets) in enumerate(micro_batches):
             set_gradient_sync(self.model, i == n - 1)
             with self.autocast:
-                loss = self.model(inputs.to(self.device), targets.to(self.device)) / n
+                loss = self._forward(inputs, targets) / n
             loss.backward()
             loss_sum += loss.detach().float()
         return loss_sum
@@ -327,6 +344,9 @@ class Trainer:
         losses: list[torch.Tensor] = []
         args = (inputs,) if self.par.first else ()
         kwargs = dict(target=targets, losses=losses) if self.par.last else {}
+        docs = self._docs(inputs)
+        if docs is not None:  # a keyword reaches every stage, split into the same micro-batches
+            kwargs["docs"] = docs
         with self.autocast:
             if train:
                 self.par.schedule.step(*args, return_outputs=False, **kwargs)
@@ -481,7 +501,13 @@ class Trainer:
         if self.par.schedule is not None:
             return self._pipeline_step(micro, train=False)
         with self.autocast:
-            return torch.stack([self.model(x.to(self.device), y.to(self.device)).float() for x, y in micro]).mean()
+            return torch.stack([self._forward(x, y).float() for x, y in micro]).mean()
+
+    def _forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The unpipelined model's loss on one micro-batch (with document ids if masked)."""
+        docs = self._docs(inputs)
+        kwargs = {} if docs is None else {"docs": docs}
+        return self.model(inputs.to(self.device), targets.to(self.device), **kwargs)
 
     def _idle_s(self, step_time: float) -> float:
         """Seconds of this step spent blocked in pipeline receives (the bubble), from the
