@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from dist_train import kernels
-from dist_train.data import BackgroundVerifier, DataError, DistributedBatchSampler, TokenDataset, ensure_prepared
+from dist_train.data import (BackgroundVerifier, DataError, DistributedBatchSampler, MixtureDataset, MixtureSampler,
+                             TokenDataset, prepare_sources)
 from dist_train.fault.collectives import get_recorder, name_mesh_groups
 from dist_train.fault.membership import MembershipLost
 from dist_train.parallel.elastic import ShapeRefused
@@ -95,13 +96,15 @@ class Trainer:
         self.recorder = get_recorder()
         self.rank = dist.get_rank()
         self.run_dir = cfg.run_dir
-        shard_dir = self._prepare_data()
+        sources = self._prepare_data()  # [(name, resolved)]: data.source, or every source of data.mix
         nodes = self.env.world_size // self.env.local_world_size
-        self.dims = preflight([cfg], self.env.world_size, nodes, shard_dirs=[shard_dir]).runs[0].dims
+        self.dims = preflight([cfg], self.env.world_size, nodes, shard_dirs=[sources[0][1]]).runs[0].dims
         self.mesh, self.batch_mesh = self.dims.build_mesh(self.device.type)
         name_mesh_groups(self.mesh)
         kernels.set_default_backend(cfg.kernels.backend)
-        self.dataset = TokenDataset(shard_dir, cfg.data.seq_len, tokenizer=cfg.data.tokenizer)
+        datasets = [TokenDataset(d, cfg.data.seq_len, tokenizer=cfg.data.tokenizer) for _, d in sources]
+        self.source_names = [name for name, _ in sources] if cfg.data.mix else []
+        self.dataset = MixtureDataset(self.source_names, datasets) if cfg.data.mix else datasets[0]
         self.n_train = len(self.dataset) - self._held_out()
         self.eos_id = self._document_eos()
         # each rank fully checks every world-th shard once, while training runs
@@ -111,9 +114,10 @@ class Trainer:
         # an elastic replica draws its own sequence of the data (replicas come and go)
         seed = cfg.run.seed if not cfg.elastic.lighthouse else (cfg.run.seed * 1_000_003 + zlib.crc32(
             cfg.elastic.replica_id.encode())) % 2**31
-        self.sampler = DistributedBatchSampler(
-            self.n_train, global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch,
-            dp_size=self.batch_mesh.size(), dp_rank=self.batch_mesh.get_local_rank(), seed=seed)
+        batching = dict(global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch,
+                        dp_size=self.batch_mesh.size(), dp_rank=self.batch_mesh.get_local_rank(), seed=seed)
+        self.sampler = (MixtureSampler(self.dataset.sizes, [cfg.data.mix[n] for n in self.source_names], **batching)
+                        if cfg.data.mix else DistributedBatchSampler(self.n_train, **batching))
         self._setup_model()
         self.outer = self._setup_outer() if cfg.diloco.enabled else None
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, log=self.log,
@@ -124,11 +128,10 @@ class Trainer:
             print(msg, flush=True)
 
     # ---- setup --------------------------------------------------------------------------
-    def _prepare_data(self) -> str:
-        """One rank prepares the bundled corpus (if needed); the others wait, then read."""
-        d = self.cfg.data
-        box = [str(ensure_prepared(d.source, d.cache_dir or None, d.tokenizer, text_field=d.text_field))
-               if self.rank == 0 else None]
+    def _prepare_data(self) -> list[tuple[str, str]]:
+        """One rank prepares the sources (the bundled corpus, file globs) if needed; the others
+        wait, then read."""
+        box = [prepare_sources(self.cfg.data) if self.rank == 0 else None]
         with self.recorder.paused():
             dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -414,6 +417,9 @@ class Trainer:
             "comm": g.comm(),
             "comm_by_dim": g.comm_by_dim(),
         }
+        if local["source_counts"] is not None:  # data.mix: tokens so far per source (like "tokens")
+            record["tokens_by_source"] = {name: n * self.cfg.data.seq_len
+                                          for name, n in zip(self.source_names, local["source_counts"])}
         if "ckpt_wait_s" in g:  # the step waited this long for the previous background save
             record["checkpoint_wait_s"] = float(g.column("ckpt_wait_s").max())
         if not bool(g.column("eval_loss").isnan().all()):  # evaluated this step (the last stages hold it)
@@ -556,7 +562,8 @@ class Trainer:
                 metrics.submit(step, self.step_stats(loss, step_time, eval_loss), self.recorder.background,
                                lr=self.scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
                                c4_findings=c4.findings_count, outer=outer, outer_s=t_outer, time=time.time(),
-                               healed=self.healed if step == start + 1 else None)
+                               healed=self.healed if step == start + 1 else None,
+                               source_counts=self.sampler.source_counts() if self.source_names else None)
                 self.finish_save(c4, metrics.last)
                 self._check_quorum_timeout(outer, step_time)
                 c4.step_end(step, time.perf_counter() - t0)
