@@ -5,7 +5,7 @@ sample, RoPE positions restarting at each document.
   bit for bit on the torch path and within 1e-6 through the Triton kernels (CPU interpreter);
   they equal the document's logits on its own (positions restart); the Triton model step
   equals the torch one (loss, every gradient);
-- through the real trainer on gloo ranks: dp_shard, tp (sequence parallel) and pp layouts give
+- through the real trainer on 4 gloo ranks: tp (sequence parallel) x dp_shard and pp x dp_shard give
   the single-process reference's losses, gradient norms and parameters (tests/equivalence.py)
   on a corpus of short documents, while the unmasked run differs from it.
 """
@@ -127,7 +127,6 @@ def test_masked_model_step_triton_equals_torch():
 STEPS, GB = 3, 8
 TOKENS = GB * 128  # per step: global batch x seq_len (configs/tiny.toml)
 LAYOUTS = {  # name: (ranks, overrides)
-    "dps4": (4, {"parallel.dp_shard": 4}),
     "tp2_dps2": (4, {"parallel.tp": 2, "parallel.dp_shard": 2}),
     "pp2_dps2": (4, {"parallel.pp": 2, "parallel.dp_shard": 2, "parallel.pp_schedule": "1f1b"}),
 }
