@@ -2,7 +2,8 @@
 
 The trainer calls `ensure_prepared` for `data.source` (data/sources.py: shard folders, the
 bundled corpus, Megatron .bin/.idx pairs, parquet/jsonl globs), builds a `TokenDataset` on the
-result and draws each step's micro-batches from a `DistributedBatchSampler`; the CLI's
+result and draws each step's micro-batches from a `DistributedBatchSampler` (with `data.mix`,
+a `MixtureDataset` over every source and a `MixtureSampler`: data/mixture.py); the CLI's
 `dist-train prepare` calls `prepare_command`.
 """
 
@@ -11,6 +12,7 @@ from .dataset import TokenDataset, collate
 from .documents import expand_inputs, iter_documents
 from .errors import DataError
 from .megatron import MegatronTokens, MegatronWriter, megatron_dtype
+from .mixture import MixtureDataset, MixtureSampler, prepare_sources
 from .prepare import (PrepareResult, default_cache_dir, ensure_prepared, prepare,
                       prepare_bundled, prepare_command)
 from .sampler import DistributedBatchSampler, epoch_permutation
@@ -22,7 +24,7 @@ from .writer import DEFAULT_SHARD_TOKENS, ShardWriter
 
 __all__ = [
     "DEFAULT_MAX_BYTES", "DEFAULT_SHARD_TOKENS", "INDEX_NAME", "BackgroundVerifier", "ByteTokenizer", "DataError",
-    "DistributedBatchSampler", "HFTokenizer", "MegatronTokens", "MegatronWriter", "PrepareResult", "ShardIndex", "ShardInfo",
+    "DistributedBatchSampler", "HFTokenizer", "MegatronTokens", "MixtureDataset", "MixtureSampler", "prepare_sources", "MegatronWriter", "PrepareResult", "ShardIndex", "ShardInfo",
     "ShardWriter", "TokenDataset", "TokenShards", "Tokenizer", "collate", "default_cache_dir",
     "ensure_prepared", "epoch_permutation", "expand_inputs", "iter_bundled_documents",
     "iter_bundled_files", "iter_documents", "load_tokenizer", "megatron_dtype", "open_tokens", "prepare",

@@ -80,10 +80,17 @@ class ModelSection:
 class DataSection:
     source: str = _f("bundled", "'bundled' (the stdlib corpus), a folder made by `dist-train prepare`, "
                      "'megatron:PREFIX' (Megatron-LM's PREFIX.bin + .idx), or 'parquet:GLOB' / 'jsonl:GLOB' (text "
-                     "files, e.g. a local copy of a Hub dataset, tokenised once into the cache)")
+                     "files, e.g. a local copy of a Hub dataset, tokenised once into the cache); 'mix' = data.mix")
+    mix: dict = _f(dict, "several sources drawn with weights, e.g. { bundled = 0.7, \"megatron:/data/prefix\" = 0.3 } "
+                   "(keys as data.source names them, weights > 0, normalised); deterministic, resumable on any dp "
+                   "layout (data/mixture.py); data.source becomes 'mix' (if set, it must be 'mix' or one of the mix's sources); "
+                   "empty = data.source alone")
     text_field: str = _f("text", "parquet:/jsonl: sources: the column or field holding the text")
     tokenizer: str = _f("byte", "'byte' or the path of a HF tokenizer.json")
     seq_len: int = _f(128, "tokens per sample", min=2)
+    document_mask: bool = _f(False, "attention stays inside each document packed into a sample (EOS-delimited, the "
+                             "tokenizer's eos ends a document) and RoPE positions restart at each document; false = "
+                             "attend across documents, positions 0..seq_len-1")
     cache_dir: str = _f("", "where the bundled corpus is prepared; empty = ~/.cache/dist-train")
     verify: str = _f("background", "check every shard's full CRC32 once per run, spread over the ranks, in a "
                      "background thread (the run stops naming a damaged file); off = only the checks at open",
@@ -288,13 +295,14 @@ def _field_spec(section: str, key: str) -> dataclasses.Field:
 
 
 def _type_name(t) -> str:
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}[t]
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+            dict: "a table of source = weight"}[t]
 
 
 def _coerce(section: str, key: str, value: Any) -> Any:
     """Check one value against its field's declared type, range and choices."""
     spec = _field_spec(section, key)
-    kind = {"int": int, "float": float, "bool": bool, "str": str, "list": list}[spec.type]
+    kind = {"int": int, "float": float, "bool": bool, "str": str, "list": list, "dict": dict}[spec.type]
     where = f"{section}.{key} = {value!r}"
     if spec.metadata.get("bools") and isinstance(value, bool):
         value = spec.metadata["bools"][value]
@@ -363,6 +371,7 @@ def build_config(raw: dict, overrides: list[tuple[str, str, Any]] = ()) -> Confi
         setattr(getattr(cfg, section), _field_spec(section, key).name, value)
     if cfg.model.init_from:
         _apply_init_from(cfg, flat)
+    _apply_mix(cfg, flat)
     _validate(cfg)
     return cfg
 
@@ -381,6 +390,40 @@ def _apply_init_from(cfg: Config, flat: dict) -> None:
                               f"{HF_KEY.get(key, key)} = {value!r} (the pretrained weights fix the shape); remove "
                               f"model.{key} from the config")
         setattr(cfg.model, key, value)
+
+
+MIX_SOURCE = "mix"
+
+
+def _apply_mix(cfg: Config, flat: dict) -> None:
+    """`data.mix`: every key a source data.source could name, every weight a positive number;
+    data.source becomes 'mix' (set beside a mix it must be 'mix' or one of the mix's sources,
+    so a config file's own data.source can stay when --set adds a mix over it)."""
+    from dist_train.data.sources import FILE_KINDS
+
+    mix, source = cfg.data.mix, cfg.data.source
+    example = "e.g. data.mix = { bundled = 0.7, \"megatron:/data/corpus_text_document\" = 0.3 }"
+    if not mix:
+        if source == MIX_SOURCE:
+            raise ConfigError(f"data.source = 'mix' but data.mix is empty; set data.mix ({example}) or data.source")
+        return
+    for name, weight in mix.items():
+        kind, sep, rest = str(name).partition(":")
+        known = name == "bundled" or (sep and (kind in FILE_KINDS or kind == "megatron") and rest) or (
+            Path(name).expanduser().is_dir())
+        if not known:
+            raise ConfigError(f"data.mix: unknown source {name!r}; use 'bundled', a folder made by `dist-train "
+                              "prepare`, 'megatron:PREFIX', 'parquet:GLOB' or 'jsonl:GLOB'")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+            raise ConfigError(f"data.mix: the weight of {name!r} is {weight!r}; weights must be positive numbers "
+                              f"({example})")
+    if ("data", "source") in flat and source != MIX_SOURCE and source not in mix:
+        raise ConfigError(f"data.source = {source!r} is not one of data.mix's sources ({', '.join(map(repr, mix))}); "
+                          "set data.source = 'mix' (or to one of them), or remove data.mix")
+    if cfg.eval.every:
+        raise ConfigError(f"eval.every = {cfg.eval.every} with data.mix: the held-out split is not built for "
+                          "mixtures yet; set eval.every = 0 or use data.source alone")
+    cfg.data.source = MIX_SOURCE
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:

@@ -205,7 +205,6 @@ def _launcher_faults(cfgs: list[Config], nproc: int) -> tuple[bool, list]:
 
 
 def _prepare(cfg: Config) -> Path:
-    from dist_train.data import ensure_prepared
+    from dist_train.data import prepare_sources
 
-    d = cfg.data
-    return ensure_prepared(d.source, d.cache_dir or None, d.tokenizer, text_field=d.text_field)
+    return prepare_sources(cfg.data)[0][1]  # a mix's sources share the vocabulary (checked when opened)

@@ -126,13 +126,18 @@ class Attention(nn.Module):
         self.wv = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=False)
         self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, docs=None):
+        """`docs`: None, or the (batch, seq) document ids of packed sequences (attention stays
+        inside each document; cos/sin are then the per-row tables at in-document positions,
+        (batch, 1, seq, head_dim / 2), see `Transformer.forward`)."""
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, s, -1, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        q, k = K.apply_rope(q, k, cos[:s], sin[:s])
-        out = K.flash_attention(q, k, v, causal=True)
+        if docs is None:
+            cos, sin = cos[:s], sin[:s]
+        q, k = K.apply_rope(q, k, cos, sin)
+        out = K.flash_attention(q, k, v, causal=True, doc_ids=docs)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -201,15 +206,15 @@ class Block(nn.Module):
         self.feed_forward = build_feed_forward(a, layer_id)
         self.checkpoint = "none"  # recompute in backward: none, full, selective (train.activation_checkpoint)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, docs=None):
         if self.checkpoint != "none" and torch.is_grad_enabled():
             context = _keep_matmuls if self.checkpoint == "selective" else torch.utils.checkpoint.noop_context_fn
-            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, use_reentrant=False,
+            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, docs, use_reentrant=False,
                                                      context_fn=context)
-        return self._forward(x, cos, sin)
+        return self._forward(x, cos, sin, docs)
 
-    def _forward(self, x, cos, sin):
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def _forward(self, x, cos, sin, docs=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, docs)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -237,15 +242,24 @@ class Transformer(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
+                docs: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states, or with `targets` the mean next-token loss. The loss is computed
         inside forward so that wrappers which gather parameters around forward (FSDP2)
-        have the head's weight in hand."""
+        have the head's weight in hand. `docs` (data.document_mask): the (batch, seq)
+        document ids of the packed rows (`kernels.document_ids`); every block's attention
+        stays inside each document and RoPE positions restart at each document's start.
+        A pipeline stage other than the first gets them as a keyword, like the first."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if self.rope_cos.numel() == 0 or self.rope_cos.device != h.device:
             self.init_buffers(h.device)
+        cos, sin = self.rope_cos, self.rope_sin
+        if docs is not None:
+            docs = docs.to(h.device)
+            pos = K.document_bounds(docs)[2].long()
+            cos, sin = cos[pos][:, None], sin[pos][:, None]  # (batch, 1, seq, head_dim / 2)
         for block in self.layers.values():
-            h = block(h, self.rope_cos, self.rope_sin)
+            h = block(h, cos, sin, docs)
         h = self.norm(h) if self.norm is not None else h
         return h if targets is None else self.loss(h, targets)
 

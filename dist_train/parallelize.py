@@ -185,8 +185,10 @@ def apply_tp(model: Transformer, tp_mesh) -> Transformer:
         moe = isinstance(ff, MoE)
         parallelize_module(block, tp_mesh, {
             "attention_norm": SequenceParallel(),
-            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
-                                            desired_input_layouts=(Replicate(), None, None)),
+            # (x, cos, sin, docs): the sequence gathered; RoPE tables and document ids are
+            # plain tensors of the whole sequence on every tp rank (from the replicated tokens)
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                                            desired_input_layouts=(Replicate(), None, None, None)),
             "attention.wq": ColwiseParallel(),
             "attention.wk": ColwiseParallel(),
             "attention.wv": ColwiseParallel(),

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 
 from dist_train import kernels
-from dist_train.data import BackgroundVerifier, DataError, DistributedBatchSampler, TokenDataset, ensure_prepared
+from dist_train.data import (BackgroundVerifier, DataError, DistributedBatchSampler, MixtureDataset, MixtureSampler,
+                             TokenDataset, prepare_sources)
 from dist_train.fault.collectives import get_recorder, name_mesh_groups
 from dist_train.fault.membership import MembershipLost
 from dist_train.parallel.elastic import ShapeRefused
@@ -97,14 +98,17 @@ class Trainer:
         self.recorder = get_recorder()
         self.rank = dist.get_rank()
         self.run_dir = cfg.run_dir
-        shard_dir = self._prepare_data()
+        sources = self._prepare_data()  # [(name, resolved)]: data.source, or every source of data.mix
         nodes = self.env.world_size // self.env.local_world_size
-        self.dims = preflight([cfg], self.env.world_size, nodes, shard_dirs=[shard_dir]).runs[0].dims
+        self.dims = preflight([cfg], self.env.world_size, nodes, shard_dirs=[sources[0][1]]).runs[0].dims
         self.mesh, self.batch_mesh = self.dims.build_mesh(self.device.type)
         name_mesh_groups(self.mesh)
         kernels.set_default_backend(cfg.kernels.backend)
-        self.dataset = TokenDataset(shard_dir, cfg.data.seq_len, tokenizer=cfg.data.tokenizer)
+        datasets = [TokenDataset(d, cfg.data.seq_len, tokenizer=cfg.data.tokenizer) for _, d in sources]
+        self.source_names = [name for name, _ in sources] if cfg.data.mix else []
+        self.dataset = MixtureDataset(self.source_names, datasets) if cfg.data.mix else datasets[0]
         self.n_train = len(self.dataset) - self._held_out()
+        self.eos_id = self._document_eos()
         # each rank fully checks every world-th shard once, while training runs
         n_shards = len(self.dataset.shards.paths)
         self.verifier = (BackgroundVerifier(self.dataset.shards, range(self.rank, n_shards, self.env.world_size))
@@ -112,9 +116,10 @@ class Trainer:
         # an elastic replica draws its own sequence of the data (replicas come and go)
         seed = cfg.run.seed if not cfg.elastic.lighthouse else (cfg.run.seed * 1_000_003 + zlib.crc32(
             cfg.elastic.replica_id.encode())) % 2**31
-        self.sampler = DistributedBatchSampler(
-            self.n_train, global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch,
-            dp_size=self.batch_mesh.size(), dp_rank=self.batch_mesh.get_local_rank(), seed=seed)
+        batching = dict(global_batch=cfg.train.global_batch, micro_batch=cfg.train.micro_batch,
+                        dp_size=self.batch_mesh.size(), dp_rank=self.batch_mesh.get_local_rank(), seed=seed)
+        self.sampler = (MixtureSampler(self.dataset.sizes, [cfg.data.mix[n] for n in self.source_names], **batching)
+                        if cfg.data.mix else DistributedBatchSampler(self.n_train, **batching))
         self._setup_model()
         self.outer = self._setup_outer() if cfg.diloco.enabled else None
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, log=self.log,
@@ -125,11 +130,10 @@ class Trainer:
             print(msg, flush=True)
 
     # ---- setup --------------------------------------------------------------------------
-    def _prepare_data(self) -> str:
-        """One rank prepares the bundled corpus (if needed); the others wait, then read."""
-        d = self.cfg.data
-        box = [str(ensure_prepared(d.source, d.cache_dir or None, d.tokenizer, text_field=d.text_field))
-               if self.rank == 0 else None]
+    def _prepare_data(self) -> list[tuple[str, str]]:
+        """One rank prepares the sources (the bundled corpus, file globs) if needed; the others
+        wait, then read."""
+        box = [prepare_sources(self.cfg.data) if self.rank == 0 else None]
         with self.recorder.paused():
             dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -176,6 +180,22 @@ class Trainer:
             return noise, None
         scale = 1.0 if pipelined else float(self.sampler.num_micro_batches)
         return noise, MicroBatchSquares(self.par.parts, scale)
+
+    def _document_eos(self) -> int | None:
+        """The token that ends a document, with data.document_mask; None without."""
+        if not self.cfg.data.document_mask:
+            return None
+        eos = self.dataset.eos_id
+        if eos is None or not 0 <= eos < self.dataset.vocab_size:
+            raise DataError(f"data.document_mask = true needs the tokenizer's EOS id to find the documents, but "
+                            f"{self.dataset.dir} has eos_id = {eos}; set data.tokenizer to one with an EOS token or "
+                            "data.document_mask = false")
+        return eos
+
+    def _docs(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """The document ids of a batch's packed rows (data.document_mask), else None. Every rank
+        reads its own batch's tokens, so every pipeline stage and tp rank computes them itself."""
+        return None if self.eos_id is None else kernels.document_ids(inputs, self.eos_id).to(self.device)
 
     def _held_out(self) -> int:
         """Samples at the end of the data kept for evaluation ([eval]), never trained on."""
@@ -355,7 +375,7 @@ class Trainer:
         for i, (inputs, targets) in enumerate(micro_batches):
             set_gradient_sync(self.model, i == n - 1)
             with self.autocast:
-                loss = self.model(inputs.to(self.device), targets.to(self.device)) / n
+                loss = self._forward(inputs, targets) / n
             loss.backward()
             loss_sum += loss.detach().float()
         return loss_sum
@@ -368,6 +388,9 @@ class Trainer:
         losses: list[torch.Tensor] = []
         args = (inputs,) if self.par.first else ()
         kwargs = dict(target=targets, losses=losses) if self.par.last else {}
+        docs = self._docs(inputs)
+        if docs is not None:  # a keyword reaches every stage, split into the same micro-batches
+            kwargs["docs"] = docs
         with self.autocast:
             if train:
                 self.par.schedule.step(*args, return_outputs=False, **kwargs)
@@ -439,6 +462,9 @@ class Trainer:
             "comm": g.comm(),
             "comm_by_dim": g.comm_by_dim(),
         }
+        if local["source_counts"] is not None:  # data.mix: tokens so far per source (like "tokens")
+            record["tokens_by_source"] = {name: n * self.cfg.data.seq_len
+                                          for name, n in zip(self.source_names, local["source_counts"])}
         if "ckpt_wait_s" in g:  # the step waited this long for the previous background save
             record["checkpoint_wait_s"] = float(g.column("ckpt_wait_s").max())
         if not bool(g.column("eval_loss").isnan().all()):  # evaluated this step (the last stages hold it)
@@ -539,7 +565,13 @@ class Trainer:
         if self.par.schedule is not None:
             return self._pipeline_step(micro, train=False)
         with self.autocast:
-            return torch.stack([self.model(x.to(self.device), y.to(self.device)).float() for x, y in micro]).mean()
+            return torch.stack([self._forward(x, y).float() for x, y in micro]).mean()
+
+    def _forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The unpipelined model's loss on one micro-batch (with document ids if masked)."""
+        docs = self._docs(inputs)
+        kwargs = {} if docs is None else {"docs": docs}
+        return self.model(inputs.to(self.device), targets.to(self.device), **kwargs)
 
     def _idle_s(self, step_time: float) -> float:
         """Seconds of this step spent blocked in pipeline receives (the bubble), from the
@@ -592,7 +624,8 @@ class Trainer:
                                self.recorder.background,
                                lr=self.scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
                                c4_findings=c4.findings_count, outer=outer, outer_s=t_outer, time=time.time(),
-                               healed=self.healed if step == start + 1 else None)
+                               healed=self.healed if step == start + 1 else None,
+                               source_counts=self.sampler.source_counts() if self.source_names else None)
                 self.finish_save(c4, metrics.last)
                 self._check_quorum_timeout(outer, step_time)
                 c4.step_end(step, time.perf_counter() - t0)

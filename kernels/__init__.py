@@ -3,7 +3,7 @@
 Each op takes `backend=None | "auto" | "torch" | "triton"`; None means the configured
 default (`[kernels] backend`, see `set_default_backend`).
 """
-from .attention import flash_attention, flash_attention_reference
+from .attention import document_bounds, document_ids, flash_attention, flash_attention_reference
 from .cross_entropy import (
     linear_cross_entropy,
     linear_cross_entropy_reference,
@@ -20,7 +20,7 @@ __all__ = [
     "BACKENDS", "KernelBackendError", "default_backend", "set_default_backend",
     "rms_norm", "rms_norm_reference", "swiglu", "swiglu_reference",
     "Llama3Scaling", "apply_rope", "apply_rope_reference", "rope_tables",
-    "flash_attention", "flash_attention_reference",
+    "flash_attention", "flash_attention_reference", "document_ids", "document_bounds",
     "linear_cross_entropy", "linear_cross_entropy_reference", "vocab_parallel_linear_cross_entropy",
     "moe_permute", "moe_permute_reference", "moe_unpermute", "moe_unpermute_reference",
     "quantize_int8", "quantize_int8_reference", "dequantize_int8", "dequantize_int8_reference",

@@ -17,7 +17,24 @@ Triton path: FlashAttention-2 (Dao, 2023) in three kernels.
   batch x head) accumulates dQ += dS K.
 Sequence lengths need not be multiples of the blocks, head_dim need not be a power of two
 (both masked). Causal masking is top-left aligned (key j visible to query i iff j <= i), as in
-`scaled_dot_product_attention(is_causal=True)`. Statistics and accumulators are fp32; on a
+`scaled_dot_product_attention(is_causal=True)`.
+
+Document masking (packed sequences): `doc_ids`, int (batch, seq), gives every position the
+index of the document it belongs to; query i then sees key j only if doc_ids[i] == doc_ids[j]
+(and j <= i when causal), so attention is block-diagonal over the documents. Document ids,
+not cumulative lengths, because they shard and split like the tokens do: a micro-batch is a
+slice of rows, a pipeline passes them to every stage as they are, and under tensor
+parallelism every rank holds the whole rows. Each document must be one contiguous run of
+positions (ids non-decreasing along the sequence, as packing gives; checked), self-attention
+only (seq_q = seq_k). The kernels skip whole blocks outside the documents: from each
+position's document start and end (`document_bounds`), a query block starts its key loop at
+the first key of its first row's document and stops after its last row's document; a key
+block walks only the query rows of its documents. A key block inside the loop may still be
+all masked for some rows; those rows' running max stays -inf and is read as 0 for that block
+(only with doc_ids: without them the causal diagonal makes every row's first block finite).
+`document_ids(tokens, eos_id)` builds the ids of EOS-delimited packing (a document's EOS
+token belongs to it) and `document_bounds` the starts, ends and in-document positions (for
+RoPE). Statistics and accumulators are fp32; on a
 GPU, bf16/fp16 inputs go to `tl.dot` as they are and fp32 inputs use 3xTF32 (near-fp32
 accuracy on tensor cores); in the CPU interpreter, whose bf16 dot is wrong, every dot runs on
 fp32 operands with ieee precision.
@@ -37,23 +54,58 @@ tl = None  # triton.language, bound at the first kernel launch (see _triton.kern
 IMPLEMENTED = ("torch", "triton")
 
 
-def flash_attention_reference(q, k, v, causal: bool = True) -> torch.Tensor:
+def document_ids(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Per-position document index (int32, tokens' shape (batch, seq)) of EOS-delimited packing:
+    the number of EOS tokens strictly before each position, so a document's EOS is its last
+    token and the next position starts the next document."""
+    eos = (tokens == eos_id).to(torch.int32)
+    return (eos.cumsum(-1, dtype=torch.int32) - eos).contiguous()
+
+
+def document_bounds(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(start, end, position), each int32 (batch, seq): the first position of each position's
+    document, one past its last, and the position counted from its document's start (RoPE
+    restarts at every document). Assumes each document is one contiguous run."""
+    b, s = doc_ids.shape
+    idx = torch.arange(s, device=doc_ids.device, dtype=torch.int32).expand(b, s)
+    first = torch.ones((b, s), dtype=torch.bool, device=doc_ids.device)
+    first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start = torch.where(first, idx, torch.zeros_like(idx)).cummax(-1).values
+    last = torch.ones((b, s), dtype=torch.bool, device=doc_ids.device)
+    last[:, :-1] = first[:, 1:]
+    end = torch.where(last, idx + 1, torch.full_like(idx, s)).flip(-1).cummin(-1).values.flip(-1)
+    return start.contiguous(), end.contiguous(), (idx - start).contiguous()
+
+
+def document_mask(doc_ids: torch.Tensor, causal: bool) -> torch.Tensor:
+    """The boolean (batch, 1, seq, seq) mask: True where query i may see key j."""
+    mask = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]
+    if causal:
+        s = doc_ids.shape[-1]
+        mask = mask & torch.ones((s, s), dtype=torch.bool, device=doc_ids.device).tril()
+    return mask
+
+
+def flash_attention_reference(q, k, v, causal: bool = True, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"kv heads ({k.shape[1]}) must divide query heads ({q.shape[1]})")
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if doc_ids is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    _check_docs(q, k, doc_ids)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(doc_ids, causal))
 
 
 # ----------------------------------------------------------------------------- Triton kernels
 
 
 @kernel
-def _attn_fwd_kernel(Q, K, V, O, LSE, sm_scale, n_heads, group, seq_q, seq_k, head_dim,
+def _attn_fwd_kernel(Q, K, V, O, LSE, DOC, DSTART, DEND, sm_scale, n_heads, group, seq_q, seq_k, head_dim,
                      sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos,
-                     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                     CAUSAL: tl.constexpr, DOCS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -74,10 +126,16 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, sm_scale, n_heads, group, seq_q, seq_k, he
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo = 0
     hi = seq_k
     if CAUSAL:
         hi = tl.minimum(seq_k, start_m + BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
+    if DOCS:  # keys of the documents of this block's rows only (seq_q = seq_k)
+        doc_base = b * seq_q
+        doc_q = tl.load(DOC + doc_base + offs_m, mask=offs_m < seq_q, other=-1)
+        lo = (tl.load(DSTART + doc_base + start_m) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(hi, tl.load(DEND + doc_base + tl.minimum(start_m + BLOCK_M, seq_q) - 1))
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         nmask = cols[:, None] < seq_k
         k = tl.load(k_base + cols[:, None] * sks + offs_d[None, :], mask=nmask & dmask, other=0.0)
@@ -89,8 +147,13 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, sm_scale, n_heads, group, seq_q, seq_k, he
         valid = cols[None, :] < seq_k
         if CAUSAL:
             valid = valid & (cols[None, :] <= offs_m[:, None])
+        if DOCS:
+            doc_k = tl.load(DOC + doc_base + cols, mask=cols < seq_k, other=-2)
+            valid = valid & (doc_q[:, None] == doc_k[None, :])
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: key 0 is in the first block for every row
+        if DOCS:  # a row whose document starts in a later block: nothing seen yet, read -inf as 0
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -114,9 +177,9 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, n_rows, head_dim, BLOCK_M: tl.constexpr
 
 
 @kernel
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale, n_heads, n_kv_heads, group, seq_q, seq_k,
-                          head_dim, sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
-                          CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DOC, DSTART, DEND, sm_scale, n_heads, n_kv_heads, group,
+                          seq_q, seq_k, head_dim, sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
+                          CAUSAL: tl.constexpr, DOCS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
@@ -135,14 +198,20 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale, n_heads, n_
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo = 0
+    hi = seq_q
     if CAUSAL:
         lo = (start_n // BLOCK_M) * BLOCK_M  # earlier query rows see none of these keys
+    if DOCS:  # query rows of the documents of this block's keys only (seq_q = seq_k)
+        doc_base = b * seq_k
+        doc_k = tl.load(DOC + doc_base + cols, mask=cols < seq_k, other=-2)
+        lo = tl.maximum(lo, (tl.load(DSTART + doc_base + start_n) // BLOCK_M) * BLOCK_M)
+        hi = tl.load(DEND + doc_base + tl.minimum(start_n + BLOCK_N, seq_k) - 1)
     for g in range(0, group):
         h = hk * group + g
         q_base = Q + b * sqb + h * sqh
         do_base = DO + (b * n_heads + h) * seq_q * head_dim  # dO is contiguous
         stat_base = (b * n_heads + h) * seq_q
-        for start_m in range(lo, seq_q, BLOCK_M):
+        for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
             mmask = rows[:, None] < seq_q
             q = tl.load(q_base + rows[:, None] * sqs + offs_d[None, :], mask=mmask & dmask, other=0.0)
@@ -156,6 +225,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale, n_heads, n_
             valid = (rows[:, None] < seq_q) & (cols[None, :] < seq_k)
             if CAUSAL:
                 valid = valid & (cols[None, :] <= rows[:, None])
+            if DOCS:
+                doc_q = tl.load(DOC + doc_base + rows, mask=rows < seq_q, other=-1)
+                valid = valid & (doc_q[:, None] == doc_k[None, :])
             p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -167,9 +239,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, sm_scale, n_heads, n_
 
 
 @kernel
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sm_scale, n_heads, group, seq_q, seq_k, head_dim,
-                        sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
-                        CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, DOC, DSTART, DEND, sm_scale, n_heads, group, seq_q, seq_k,
+                        head_dim, sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
+                        CAUSAL: tl.constexpr, DOCS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -194,10 +266,16 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sm_scale, n_heads, group, s
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo = 0
     hi = seq_k
     if CAUSAL:
         hi = tl.minimum(seq_k, start_m + BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
+    if DOCS:  # as in the forward: keys of the documents of this block's rows only
+        doc_base = b * seq_q
+        doc_q = tl.load(DOC + doc_base + rows, mask=rows < seq_q, other=-1)
+        lo = (tl.load(DSTART + doc_base + start_m) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(hi, tl.load(DEND + doc_base + tl.minimum(start_m + BLOCK_M, seq_q) - 1))
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         nmask = cols[:, None] < seq_k
         k = tl.load(k_base + cols[:, None] * sks + offs_d[None, :], mask=nmask & dmask, other=0.0)
@@ -209,6 +287,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, sm_scale, n_heads, group, s
         valid = (rows[:, None] < seq_q) & (cols[None, :] < seq_k)
         if CAUSAL:
             valid = valid & (cols[None, :] <= rows[:, None])
+        if DOCS:
+            doc_k = tl.load(DOC + doc_base + cols, mask=cols < seq_k, other=-2)
+            valid = valid & (doc_q[:, None] == doc_k[None, :])
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -232,8 +313,14 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 
 class _FlashAttentionTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal):
+    def forward(ctx, q, k, v, causal, doc_ids):
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+        docs = doc_ids is not None
+        if docs:
+            doc = doc_ids.to(device=q.device, dtype=torch.int32).contiguous()
+            start, end, _ = document_bounds(doc)
+        else:  # unused pointers (DOCS=False): any int32 tensor
+            doc = start = end = torch.zeros(1, dtype=torch.int32, device=q.device)
         b, hq, sq, d = q.shape
         hkv, sk = k.shape[1], k.shape[2]
         group = hq // hkv
@@ -243,17 +330,17 @@ class _FlashAttentionTriton(torch.autograd.Function):
         lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
         if o.numel():
             _attn_fwd_kernel[(cdiv(sq, bm), b * hq)](
-                q, k, v, o, lse, scale, hq, group, sq, sk, d,
+                q, k, v, o, lse, doc, start, end, scale, hq, group, sq, sk, d,
                 q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                 v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-                CAUSAL=causal, UPCAST=upcast, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal = causal
+                CAUSAL=causal, DOCS=docs, UPCAST=upcast, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+        ctx.save_for_backward(q, k, v, o, lse, doc, start, end)
+        ctx.causal, ctx.docs = causal, docs
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, o, lse, doc, start, end = ctx.saved_tensors
         b, hq, sq, d = q.shape
         hkv, sk = k.shape[1], k.shape[2]
         group = hq // hkv
@@ -265,18 +352,18 @@ class _FlashAttentionTriton(torch.autograd.Function):
         dk = torch.empty((b, hkv, sk, d), dtype=k.dtype, device=k.device)
         dv = torch.empty((b, hkv, sk, d), dtype=v.dtype, device=v.device)
         if q.numel() == 0 or k.numel() == 0:
-            return dq.zero_(), dk.zero_(), dv.zero_(), None
+            return dq.zero_(), dk.zero_(), dv.zero_(), None, None
         n_rows = b * hq * sq
         _attn_bwd_delta_kernel[(cdiv(n_rows, 64),)](o, do, delta, n_rows, d, BLOCK_M=64, BLOCK_D=bd)
         strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                    v.stride(0), v.stride(1), v.stride(2))
         _attn_bwd_dkdv_kernel[(cdiv(sk, bn), b * hkv)](
-            q, k, v, do, lse, delta, dk, dv, scale, hq, hkv, group, sq, sk, d, *strides,
-            CAUSAL=ctx.causal, UPCAST=upcast, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+            q, k, v, do, lse, delta, dk, dv, doc, start, end, scale, hq, hkv, group, sq, sk, d, *strides,
+            CAUSAL=ctx.causal, DOCS=ctx.docs, UPCAST=upcast, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
         _attn_bwd_dq_kernel[(cdiv(sq, bm), b * hq)](
-            q, k, v, do, lse, delta, dq, scale, hq, group, sq, sk, d, *strides,
-            CAUSAL=ctx.causal, UPCAST=upcast, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
-        return dq, dk, dv, None
+            q, k, v, do, lse, delta, dq, doc, start, end, scale, hq, group, sq, sk, d, *strides,
+            CAUSAL=ctx.causal, DOCS=ctx.docs, UPCAST=upcast, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd)
+        return dq, dk, dv, None, None
 
 
 def _check(q, k, v):
@@ -290,8 +377,22 @@ def _check(q, k, v):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
 
 
-def flash_attention(q, k, v, causal: bool = True, *, backend: str | None = None):
+def _check_docs(q, k, doc_ids):
+    if q.shape[2] != k.shape[2] or tuple(doc_ids.shape) != (q.shape[0], q.shape[2]):
+        raise ValueError(f"doc_ids {tuple(doc_ids.shape)} must be (batch, seq) of a self-attention's q "
+                         f"{tuple(q.shape)} and k {tuple(k.shape)}")
+    if doc_ids.dtype.is_floating_point or doc_ids.dtype == torch.bool:
+        raise ValueError(f"doc_ids must be an integer tensor, got {doc_ids.dtype}")
+    if doc_ids.device.type != "meta" and doc_ids.shape[1] > 1 and bool((doc_ids[:, 1:] < doc_ids[:, :-1]).any()):
+        raise ValueError("doc_ids must be non-decreasing along the sequence (each document one contiguous run)")
+
+
+def flash_attention(q, k, v, causal: bool = True, *, doc_ids: torch.Tensor | None = None,
+                    backend: str | None = None):
+    """Attention of q over k, v; with `doc_ids` (batch, seq) block-diagonal over documents."""
     if resolve(backend, q.device.type, IMPLEMENTED) == "triton":
         _check(q, k, v)
-        return _FlashAttentionTriton.apply(q, k, v, bool(causal))
-    return flash_attention_reference(q, k, v, causal)
+        if doc_ids is not None:
+            _check_docs(q, k, doc_ids)
+        return _FlashAttentionTriton.apply(q, k, v, bool(causal), doc_ids)
+    return flash_attention_reference(q, k, v, causal, doc_ids)

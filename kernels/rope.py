@@ -5,7 +5,9 @@ Llama does, so HF q/k projections load without a permutation (Meta's original an
 TorchTitan's interleaved layout pair 2i with 2i + 1 and need one; dist_train/interop).
 
 q: (batch, q_heads, seq, head_dim), k: (batch, kv_heads, seq, head_dim) — the head counts
-may differ (GQA). cos/sin: (seq, head_dim // 2), from `rope_tables`.
+may differ (GQA). cos/sin: (seq, head_dim // 2), from `rope_tables`, or one table per batch
+row, (batch, 1, seq, head_dim // 2): the tables gathered at per-row positions, e.g. positions
+that restart at every packed document (`rope_tables(...)[0][positions][:, None]`).
 
 Triton path: one program rotates a block of positions of one (batch, head), reading the two
 halves of each head vector through the input's strides (so q/k may be views such as the
@@ -75,7 +77,7 @@ def apply_rope_reference(q, k, cos, sin):
 
 
 @kernel
-def _rope_kernel(X, COS, SIN, Y, n_heads, seq, half, stride_xb, stride_xh, stride_xs, stride_cs,
+def _rope_kernel(X, COS, SIN, Y, n_heads, seq, half, stride_xb, stride_xh, stride_xs, stride_cb, stride_cs,
                  INVERSE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     bh = tl.program_id(0)
     b = (bh // n_heads).to(tl.int64)
@@ -84,7 +86,7 @@ def _rope_kernel(X, COS, SIN, Y, n_heads, seq, half, stride_xb, stride_xh, strid
     cols = tl.arange(0, BLOCK_D)
     mask = (pos[:, None] < seq) & (cols[None, :] < half)
     pos64 = pos.to(tl.int64)
-    cs = pos64[:, None] * stride_cs + cols[None, :]
+    cs = b * stride_cb + pos64[:, None] * stride_cs + cols[None, :]
     c = tl.load(COS + cs, mask=mask, other=0.0).to(tl.float32)
     s = tl.load(SIN + cs, mask=mask, other=0.0).to(tl.float32)
     if INVERSE:
@@ -98,7 +100,8 @@ def _rope_kernel(X, COS, SIN, Y, n_heads, seq, half, stride_xb, stride_xh, strid
 
 
 def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
-    """Rotate x (batch, heads, seq, head_dim) by the tables; returns a contiguous tensor."""
+    """Rotate x (batch, heads, seq, head_dim) by the tables, (seq, half) or (batch, seq, half);
+    returns a contiguous tensor."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     b, h, s, d = x.shape
@@ -108,7 +111,8 @@ def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse:
         block_d = next_pow2(half)
         block_s = max(1, min(64, 2048 // block_d))
         _rope_kernel[(b * h, cdiv(s, block_s))](
-            x, cos, sin, y, h, s, half, x.stride(0), x.stride(1), x.stride(2), cos.stride(0),
+            x, cos, sin, y, h, s, half, x.stride(0), x.stride(1), x.stride(2),
+            cos.stride(0) if cos.dim() == 3 else 0, cos.stride(-2),
             INVERSE=inverse, BLOCK_S=block_s, BLOCK_D=block_d)
     return y
 
@@ -135,6 +139,11 @@ def _check(q, k, cos, sin):
     if d % 2 or k.shape[0] != b or k.shape[2] != s or k.shape[3] != d:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch/seq/head_dim or head_dim is odd")
     half = d // 2
+    if cos.dim() == 4:  # one table per batch row: (batch, 1, seq, half)
+        if tuple(cos.shape) != (b, 1, s, half) or tuple(sin.shape) != (b, 1, s, half):
+            raise ValueError(f"per-row cos/sin must be (batch={b}, 1, seq={s}, head_dim/2={half}), got "
+                             f"{tuple(cos.shape)} and {tuple(sin.shape)}")
+        return cos.reshape(b, s, half).contiguous(), sin.reshape(b, s, half).contiguous()
     cos2, sin2 = cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])
     if cos2.shape != (s, half) or sin2.shape != (s, half):
         raise ValueError(f"cos/sin must be (seq={s}, head_dim/2={half}), got {tuple(cos.shape)} and {tuple(sin.shape)}")

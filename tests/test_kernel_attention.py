@@ -129,3 +129,104 @@ def test_flash_attention_strided_inputs():
     ref = _run(flash_attention_reference, q, k, v, do)
     for a, r in zip(ours, ref):
         torch.testing.assert_close(a, r, atol=2e-5, rtol=2e-5)
+
+
+# ----------------------------------------------------------------------------- document masking
+
+
+def _packed_docs(b, s, lengths_per_row):
+    """(batch, seq) int32 document ids: row r holds documents of the given lengths (the last one
+    runs to the end of the row)."""
+    rows = []
+    for lengths in lengths_per_row:
+        ids = torch.cat([torch.full((n,), i, dtype=torch.int32) for i, n in enumerate(lengths)])
+        ids = torch.cat([ids, torch.full((s - len(ids),), len(lengths), dtype=torch.int32)])[:s]
+        rows.append(ids)
+    return torch.stack(rows)[:b]
+
+
+def test_document_ids_and_bounds():
+    from dist_train.kernels import document_bounds, document_ids
+
+    eos = 9
+    tokens = torch.tensor([[1, 2, eos, 3, eos, eos, 4, 5], [eos, 1, 1, 1, 1, 1, 1, eos]])
+    docs = document_ids(tokens, eos)
+    assert docs.tolist() == [[0, 0, 0, 1, 1, 2, 3, 3], [0, 1, 1, 1, 1, 1, 1, 1]]  # an EOS ends its document
+    start, end, pos = document_bounds(docs)
+    assert start.tolist() == [[0, 0, 0, 3, 3, 5, 6, 6], [0, 1, 1, 1, 1, 1, 1, 1]]
+    assert end.tolist() == [[3, 3, 3, 5, 5, 6, 8, 8], [1, 8, 8, 8, 8, 8, 8, 8]]
+    assert pos.tolist() == [[0, 1, 2, 0, 1, 0, 0, 1], [0, 0, 1, 2, 3, 4, 5, 6]]
+
+
+@pytest.mark.parametrize("b,hq,hkv,s,d,causal,lengths", [
+    (2, 4, 2, 45, 24, True, [[7, 9, 1, 1, 2], [45]]),          # GQA, odd sizes, 1-token documents, one doc
+    (1, 3, 1, 70, 16, True, [[32, 32]]),                      # MQA, boundaries on the interpreter's blocks
+    (1, 2, 2, 70, 12, True, [[3, 40, 1, 20]]),                # a document spanning three query blocks
+    (1, 4, 2, 37, 8, False, [[10, 5, 11]]),                   # non-causal: whole documents visible
+])
+def test_flash_attention_documents_fp32(b, hq, hkv, s, d, causal, lengths):
+    """With document ids: values, dq, dk and dv against the masked SDPA reference."""
+    q, k, v, do = _inputs(b, hq, hkv, s, s, d, torch.float32, seed=3)
+    docs = _packed_docs(b, s, lengths)
+    ours = _run(lambda q, k, v: flash_attention(q, k, v, causal, doc_ids=docs, backend="triton"), q, k, v, do)
+    ref = _run(lambda q, k, v: flash_attention_reference(q, k, v, causal, docs), q, k, v, do)
+    for name, a, r in zip(("o", "dq", "dk", "dv"), ours, ref):
+        # sums over head_dim, over a document's keys and over the group's queries of a key
+        tol = kernel_tol(torch.float32, k=d + s * (hq // hkv), scale=r.abs().max().item(), roundings=0)
+        torch.testing.assert_close(a, r, **tol, msg=lambda m: f"{name}: {m}")
+    # and the reference is the plain causal attention of each document on its own
+    o_ref = ref[0]
+    for row, lens in enumerate(lengths):
+        at = 0
+        for n in lens + [s]:
+            n = min(n, s - at)
+            if n <= 0:
+                break
+            sl = slice(at, at + n)
+            alone = flash_attention_reference(q[row:row + 1, :, sl], k[row:row + 1, :, sl], v[row:row + 1, :, sl], causal)
+            torch.testing.assert_close(o_ref[row:row + 1, :, sl], alone, atol=1e-6, rtol=1e-6)
+            at += n
+
+
+def test_flash_attention_skips_blocks_of_other_documents():
+    """Blocks wholly outside a row's document are never read: NaN in the first document's q, k,
+    v and dO (two interpreter blocks long) leave the second document's outputs and gradients
+    finite and equal to that document attended on its own. A masked block that was read would
+    carry the NaN in (0 x NaN = NaN in P @ V and the gradient products)."""
+    from dist_train.kernels.attention import _launch_config
+
+    block = _launch_config(16, torch.float32)[1]
+    first, s = 2 * block, 2 * block + 29
+    q, k, v, do = _inputs(1, 4, 2, s, s, 16, torch.float32, seed=4)
+    docs = _packed_docs(1, s, [[first]])
+    for t in (q, k, v, do):
+        t[:, :, :first] = float("nan")
+    o, dq, dk, dv = _run(lambda q, k, v: flash_attention(q, k, v, True, doc_ids=docs, backend="triton"), q, k, v, do)
+    sl = slice(first, s)
+    alone = _run(lambda q, k, v: flash_attention_reference(q, k, v, True), q[:, :, sl], k[:, :, sl], v[:, :, sl],
+                 do[:, :, sl])
+    for name, a, r in zip(("o", "dq", "dk", "dv"), (o, dq, dk, dv), alone):
+        assert torch.isfinite(a[:, :, sl]).all(), name
+        torch.testing.assert_close(a[:, :, sl], r, atol=2e-5, rtol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_flash_attention_bf16_documents_against_fp32():
+    b, hq, hkv, s, d = 2, 4, 2, 33, 20
+    q, k, v, do = _inputs(b, hq, hkv, s, s, d, torch.bfloat16, seed=6)
+    docs = _packed_docs(b, s, [[5, 17], [30]])
+    ours = _run(lambda q, k, v: flash_attention(q, k, v, True, doc_ids=docs, backend="triton"), q, k, v, do)
+    ref = _run(lambda q, k, v: flash_attention_reference(q, k, v, True, docs),
+               q.float(), k.float(), v.float(), do.float())
+    k_sum = d + s + s * (hq // hkv)
+    for name, a, r in zip(("o", "dq", "dk", "dv"), ours, ref):
+        assert a.dtype == torch.bfloat16, name
+        torch.testing.assert_close(a.float(), r, **_bf16_tol(name, k_sum, r), msg=lambda m: f"{name}: {m}")
+
+
+def test_flash_attention_document_ids_checked():
+    q, k, v, _ = _inputs(1, 2, 2, 8, 8, 8, torch.float32)
+    for backend in ("triton", "torch"):
+        with pytest.raises(ValueError, match="non-decreasing"):
+            flash_attention(q, k, v, doc_ids=torch.tensor([[0, 0, 1, 1, 0, 0, 2, 2]]), backend=backend)
+        with pytest.raises(ValueError, match="batch, seq"):
+            flash_attention(q, k, v, doc_ids=torch.zeros(1, 7, dtype=torch.int32), backend=backend)

@@ -64,3 +64,25 @@ def test_rope_rejects_bad_tables():
     cos, sin = rope_tables(6, 8)
     with pytest.raises(ValueError):
         apply_rope(q, q, cos, sin, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_per_row_tables(dtype):
+    """Tables gathered at per-row positions (positions restarting at packed documents),
+    (batch, 1, seq, half): values and gradients against the reference, and each row equals
+    the rotation by its own positions' shared table."""
+    b, hq, hkv, s, d = 2, 4, 2, 13, 10
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(b, hq, s, d, generator=gen).to(dtype)
+    k = torch.randn(b, hkv, s, d, generator=gen).to(dtype)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 0, 0, 1, 2, 3], list(range(s))])
+    cos_t, sin_t = rope_tables(s, d)
+    cos, sin = cos_t[pos][:, None], sin_t[pos][:, None]
+    ours = _run(lambda *a: apply_rope(*a, backend="triton"), q, k, cos, sin, torch.Generator().manual_seed(1))
+    ref = _run(apply_rope_reference, q.float(), k.float(), cos, sin, torch.Generator().manual_seed(1))
+    for a, r in zip(ours, ref):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.float(), r.float(), **kernel_tol(dtype, k=2, scale=r.abs().max().item()))
+    # row 1 holds positions 0..s-1: the shared table's result
+    shared = apply_rope(q[1:], k[1:], cos_t, sin_t, backend="triton")
+    assert torch.equal(ours[0][1:], shared[0]) and torch.equal(ours[1][1:], shared[1])
