@@ -45,7 +45,12 @@ class Parallelized:
 
 
 def parallelize(args: ModelArgs, cfg: Config, dims: ParallelDims, mesh, device: torch.device,
-                param_dtype, n_micro: int) -> Parallelized:
+                param_dtype, n_micro: int, reduce_dtype=torch.float32) -> Parallelized:
+    """This rank's part of the model, parallelised in TorchTitan's order: pipeline split,
+    tensor parallel, experts, activation checkpointing (a block attribute), FSDP (the
+    experts' units, then blocks and root); then materialised and
+    initialised. `param_dtype` / `reduce_dtype` are FSDP2's MixedPrecisionPolicy (None:
+    parameters gathered as they are, fp32)."""
     with torch.device("meta"):
         model = Transformer(args)
     schedule_name = cfg.parallel.pp_schedule
@@ -75,9 +80,10 @@ def parallelize(args: ModelArgs, cfg: Config, dims: ParallelDims, mesh, device: 
         if moe_sharded:
             for moe in moe_layers(part):
                 fully_shard_experts(moe.experts, edp_mesh, dims.dp_size, param_dtype=param_dtype,
+                                    reduce_dtype=reduce_dtype,
                                     reshard_after_forward=not (pipelined and schedule_name == "layered"))
         if dp_mesh is not None:
-            _shard(part, dp_mesh, pipelined, schedule_name, param_dtype)
+            _shard(part, dp_mesh, pipelined, schedule_name, param_dtype, reduce_dtype)
         part.to_empty(device=device)
     view = LocalModel(parts) if pipelined else model
     init_weights(view, cfg.run.seed, args)
@@ -219,7 +225,7 @@ def apply_ep(model: nn.Module, ep_mesh, topo: Topology) -> nn.Module:
     return model
 
 
-def _shard(part: nn.Module, dp_mesh, pipelined: bool, schedule: str, param_dtype) -> None:
+def _shard(part: nn.Module, dp_mesh, pipelined: bool, schedule: str, param_dtype, reduce_dtype) -> None:
     """FSDP units of one model or stage.
 
     Not pipelined, or gpipe/1f1b/interleaved stages: every block is a unit, gathered for
@@ -234,7 +240,8 @@ def _shard(part: nn.Module, dp_mesh, pipelined: bool, schedule: str, param_dtype
     """
     head = [part.output] if pipelined and part.output is not None else []
     if schedule == "layered" and pipelined:
-        apply_fsdp(part, head, dp_mesh, param_dtype=param_dtype, reshard_after_forward=False)
+        apply_fsdp(part, head, dp_mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                   reshard_after_forward=False)
     else:
         apply_fsdp(part, list(part.layers.values()) + head, dp_mesh, param_dtype=param_dtype,
-                   root_reshard_after_forward=False)
+                   reduce_dtype=reduce_dtype, root_reshard_after_forward=False)

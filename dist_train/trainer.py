@@ -33,7 +33,7 @@ from dist_train.parallel.tensor_parallel import reduce_partial_grads
 from . import moe
 from .c4 import start_monitor
 from .checkpoint import Checkpointer
-from .config import Config, ConfigError
+from .config import Config, ConfigError, resolve_dtypes
 from .distributed import RankEnv, init_distributed, pick_device
 from .failures import PeerLost, peer_lost
 from .layout import preflight
@@ -57,10 +57,12 @@ def write_resolved_config(cfg: Config, start_step: int) -> None:
     path.write_text(text)
 
 
-def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    if cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return torch.float32
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def run_dtypes(cfg: Config, device: torch.device) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+    """(compute, param, reduce) dtypes of this run on `device` (config.resolve_dtypes)."""
+    return tuple(DTYPES[d] for d in resolve_dtypes(cfg.train, device.type))
 
 
 def lr_lambda(cfg: Config):
@@ -97,7 +99,8 @@ class Trainer:
         self.run_dir = cfg.run_dir
         shard_dir = self._prepare_data()
         nodes = self.env.world_size // self.env.local_world_size
-        self.dims = preflight([cfg], self.env.world_size, nodes, shard_dirs=[shard_dir]).runs[0].dims
+        self.dims = preflight([cfg], self.env.world_size, nodes, shard_dirs=[shard_dir],
+                              device=self.device.type).runs[0].dims
         self.mesh, self.batch_mesh = self.dims.build_mesh(self.device.type)
         name_mesh_groups(self.mesh)
         kernels.set_default_backend(cfg.kernels.backend)
@@ -135,12 +138,12 @@ class Trainer:
     def _setup_model(self) -> None:
         cfg = self.cfg
         self.args = ModelArgs.from_config(cfg.model, cfg.data.seq_len, self.dataset.vocab_size)
-        self.dtype = compute_dtype(cfg, self.device)
+        self.dtype, param_dtype, reduce_dtype = run_dtypes(cfg, self.device)
         self.flops_per_token = flops_per_token(self.args, cfg.data.seq_len)
         self.peak_flops = peak_flops(device_name(self.device), self.dtype)  # None (MFU n/a) off the table
         self.par = parallelize(self.args, cfg, self.dims, self.mesh, self.device,
-                               param_dtype=self.dtype if self.dtype != torch.float32 else None,
-                               n_micro=self.sampler.num_micro_batches)
+                               param_dtype=param_dtype if param_dtype != torch.float32 else None,
+                               reduce_dtype=reduce_dtype, n_micro=self.sampler.num_micro_batches)
         self.model = self.par.view
         if cfg.model.init_from:  # pretrained weights over the seeded init, into this layout's shards
             from .interop.hf_import import load_hf_weights
@@ -152,9 +155,11 @@ class Trainer:
         moe.set_aux_grad_scale(self.par.parts, 1.0 if pipelined else 1.0 / self.sampler.num_micro_batches,
                                pipelined=pipelined)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
-        # A one-rank job has no FSDP to cast for it: autocast gives it the same mixed precision.
-        self.autocast = (torch.autocast(self.device.type, dtype=self.dtype)
-                         if self.dtype != torch.float32 and not self.dims.fsdp_enabled else nullcontext())
+        # Forward runs in the dtype of the parameters it sees: FSDP2's gathered ones (param_dtype),
+        # or without FSDP the fp32 weights themselves. Where that is not the compute dtype
+        # (a one-rank or tp-only job in bf16; fp32 gathers under bf16 compute), autocast casts.
+        seen = param_dtype if self.dims.fsdp_enabled else torch.float32
+        self.autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != seen else nullcontext()
 
     def _held_out(self) -> int:
         """Samples at the end of the data kept for evaluation ([eval]), never trained on."""
@@ -502,8 +507,16 @@ class Trainer:
             nodes = self.env.world_size // self.env.local_world_size
             self.log(f"dist-train: {self.dims.describe()}, {self.env.world_size} rank(s) on {nodes} node(s) "
                      f"({self.device.type}), "
-                     f"{count_params(self.args)['total'] / 1e6:.2f}M parameters, steps {start}..{cfg.train.steps}")
+                     f"{count_params(self.args)['total'] / 1e6:.2f}M parameters, steps {start}..{cfg.train.steps}, "
+                     f"{self._precision()}")
         return MetricsLog(self.build_record, writer, progress, cfg.metrics.log_every, cfg.train.steps)
+
+    def _precision(self) -> str:
+        """The start line's dtypes: the compute's (autocast where it casts), FSDP's gathers and reductions."""
+        compute, param, reduce = resolve_dtypes(self.cfg.train, self.device.type)
+        cast = "" if isinstance(self.autocast, nullcontext) else " (autocast)"
+        fsdp = f", FSDP gathers {param}, reduces {reduce}" if self.dims.fsdp_enabled else ""
+        return f"compute in {compute}{cast}{fsdp}"
 
     # ---- the loop -----------------------------------------------------------------------
     def fit(self) -> Path:
