@@ -119,6 +119,11 @@ class TrainSection:
                           "compute dtype; fp32 under bf16 compute = fp32 gathers, autocast to bf16", choices=DTYPES)
     reduce_dtype: str = _f("auto", "dtype FSDP2 reduces gradients in (reduce-scatter over dp_shard, all-reduce over "
                            "dp_replicate); auto = fp32; no effect without data parallelism", choices=DTYPES)
+    compile: bool = _f(False, "torch.compile each transformer block (per block, after tensor parallelism, before "
+                       "FSDP); compiled before step 1, its time is the first record's compile_s, not step_time_s")
+    compile_backend: str = _f("inductor", "torch.compile backend: inductor (generated kernels), or aot_eager (the "
+                              "same graph capture and autograd, run by eager kernels: a quick check)",
+                              choices=("inductor", "aot_eager"))
     activation_checkpoint: str = _f("none", "recompute in backward, per block and micro-batch: none, full (the "
                                     "whole block), selective (keep matmul and attention outputs, recompute "
                                     "the elementwise ops); true/false mean full/none",
@@ -421,6 +426,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.param_dtype = 'bf16' with train.dtype = 'fp32': FSDP2 computes with the parameters "
                           "it gathers, so the compute would be bf16; set train.dtype = 'bf16' (or 'auto'), or "
                           "train.param_dtype = 'fp32'")
+    if t.compile and m.moe_experts:
+        raise ConfigError(f"train.compile = true with model.moe_experts = {m.moe_experts}: routing tokens to experts "
+                          "has data-dependent shapes (tokens per expert), which would recompile the block every "
+                          "step; set train.compile = false for MoE models")
+    if t.compile and cfg.kernels.backend == "triton":
+        raise ConfigError("train.compile = true with kernels.backend = 'triton': compiled blocks trace the torch "
+                          "implementations of the ops (the compiler generates its own fused kernels), the "
+                          "hand-written Triton kernels are not traced; set kernels.backend = 'auto' (Triton for the "
+                          "head and loss outside the blocks) or train.compile = false")
     if m.dim % m.n_heads:
         raise ConfigError(f"model.dim = {m.dim} is not divisible by model.n_heads = {m.n_heads}; "
                           "choose n_heads dividing dim")

@@ -47,8 +47,8 @@ class Parallelized:
 def parallelize(args: ModelArgs, cfg: Config, dims: ParallelDims, mesh, device: torch.device,
                 param_dtype, n_micro: int, reduce_dtype=torch.float32) -> Parallelized:
     """This rank's part of the model, parallelised in TorchTitan's order: pipeline split,
-    tensor parallel, experts, activation checkpointing (a block attribute), FSDP (the
-    experts' units, then blocks and root); then materialised and
+    tensor parallel, experts, activation checkpointing (a block attribute), torch.compile
+    per block, FSDP (the experts' units, then blocks and root); then materialised and
     initialised. `param_dtype` / `reduce_dtype` are FSDP2's MixedPrecisionPolicy (None:
     parameters gathered as they are, fp32)."""
     with torch.device("meta"):
@@ -77,6 +77,8 @@ def parallelize(args: ModelArgs, cfg: Config, dims: ParallelDims, mesh, device: 
             apply_tp(part, mesh["tp"])
         if topo is not None:
             apply_ep(part, ep_mesh, topo)
+        if cfg.train.compile:
+            apply_compile(part, cfg.train.compile_backend)
         if moe_sharded:
             for moe in moe_layers(part):
                 fully_shard_experts(moe.experts, edp_mesh, dims.dp_size, param_dtype=param_dtype,
@@ -210,6 +212,34 @@ def apply_tp(model: Transformer, tp_mesh) -> Transformer:
             mod.register_parameter(n, nn.Parameter(distribute_tensor(p, mesh, [Shard(0)])))
             for n, p in list(mod.named_parameters(recurse=False))])
         model.output.loss_fn = loss_fn
+    return model
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+def apply_compile(model: nn.Module, backend: str) -> nn.Module:
+    """torch.compile each block's forward (TorchTitan compiles per block, not the model):
+    after tensor parallelism, so the DTensor ops are traced, and before FSDP, whose
+    gather and reduce hooks run around the compiled forward, in eager code. The block
+    stays the same module (its forward is the compiled one), so parameter names, the
+    FSDP units and pipeline stages are unchanged. The blocks share one code object, so
+    one graph serves every block of the same shape; a recompile past torch's limit is an
+    error, not a silent fall-back to eager. fullgraph: a graph break is an error too.
+
+    A block input that is a view gets a copy first: under tp the first block's input is
+    the embedding's `to_local()`, a view of a DTensor's local tensor, and torch 2.13's
+    compiled autograd sends that view's gradient to the DTensor's eager backward as a
+    plain tensor ("'Tensor' object has no attribute '_local_tensor'"); a copy is a fresh
+    input (the values are the same; one activation copied per step and micro-batch)."""
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    for block in model.layers.values():
+        compiled = torch.compile(block.forward, backend=backend, fullgraph=True)
+
+        def forward(x, cos, sin, compiled=compiled):
+            return compiled(x.clone() if x._base is not None else x, cos, sin)
+
+        block.forward = forward
     return model
 
 

@@ -141,6 +141,8 @@ class Trainer:
         self.dtype, param_dtype, reduce_dtype = run_dtypes(cfg, self.device)
         self.flops_per_token = flops_per_token(self.args, cfg.data.seq_len)
         self.peak_flops = peak_flops(device_name(self.device), self.dtype)  # None (MFU n/a) off the table
+        if cfg.train.compile:  # each run of a sweep compiles afresh (its compile_s is its own)
+            torch._dynamo.reset()
         self.par = parallelize(self.args, cfg, self.dims, self.mesh, self.device,
                                param_dtype=param_dtype if param_dtype != torch.float32 else None,
                                reduce_dtype=reduce_dtype, n_micro=self.sampler.num_micro_batches)
@@ -298,6 +300,26 @@ class Trainer:
         every = self.cfg.checkpoint.every
         return bool(every) and (step % every == 0 or step == self.cfg.train.steps)
 
+    def _compile(self) -> float:
+        """train.compile: compile the blocks before the first step, so that step's
+        step_time_s is a step's. One forward and backward of this rank's micro-batches of
+        a dummy batch (token 0 everywhere, the shapes of training's), its gradients then
+        dropped: no data drawn, no optimizer step, its collectives no step's. Returns the
+        seconds it took on this rank (all of a step's work with it, and the wait in its
+        collectives for ranks still compiling): the first record's compile_s."""
+        t0 = time.perf_counter()
+        zeros = torch.zeros(self.cfg.train.micro_batch, self.cfg.data.seq_len, dtype=torch.long)
+        micro_batches = [(zeros, zeros)] * self.sampler.num_micro_batches
+        with self.recorder.paused():
+            (self._pipeline_step if self.par.schedule is not None else self._accumulate)(micro_batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        self.log(f"torch.compile ({self.cfg.train.compile_backend}): blocks compiled in {seconds:.1f} s before the "
+                 "first step (the first record's compile_s, not in its step_time_s)")
+        return seconds
+
     # ---- one step -----------------------------------------------------------------------
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over this rank's micro-batches; returns (local mean loss, grad norm).
@@ -423,6 +445,8 @@ class Trainer:
             record["data_verify_s"] = float(done.max()) if bool((done >= 0).all()) else None
         if local["c4_findings"] is not None:
             record["c4_findings"] = local["c4_findings"]
+        if local.get("compile_s") is not None:  # train.compile: seconds before this run's first step
+            record["compile_s"] = local["compile_s"]
         return record
 
     def _outer_record(self, o, step: int) -> dict:
@@ -520,6 +544,7 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------
     def fit(self) -> Path:
+        compile_s = self._compile() if self.cfg.train.compile else None
         start = self.resume()
         self.healed, self.joined = None, (start, 0.0)
         if self.cfg.elastic.lighthouse:
@@ -543,7 +568,8 @@ class Trainer:
                 metrics.submit(step, self.step_stats(loss, step_time, eval_loss), self.recorder.background,
                                lr=self.scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
                                c4_findings=c4.findings_count, outer=outer, outer_s=t_outer, time=time.time(),
-                               healed=self.healed if step == start + 1 else None)
+                               healed=self.healed if step == start + 1 else None,
+                               compile_s=compile_s if step == start + 1 else None)
                 self.finish_save(c4, metrics.last)
                 self._check_quorum_timeout(outer, step_time)
                 c4.step_end(step, time.perf_counter() - t0)
