@@ -125,13 +125,12 @@ def _local(args) -> None:
     from dist_train.launchers.local import LocalJob
 
     from .config import load_runs
-    from .layout import local_device_type, preflight
+    from .layout import preflight
 
     if args.replicas:
         return _replicas(args)
     # fail here, once, before any rank starts (and prepare the data once)
-    plan = preflight(load_runs(args.config, args.overrides, args.runs), args.nproc, args.nodes,
-                     device=local_device_type())
+    plan = preflight(load_runs(args.config, args.overrides, args.runs), args.nproc, args.nodes)
     LocalJob(args.config, args.overrides, args.nproc, args.nodes, args.max_restarts, args.runs, plan).run()
 
 
@@ -154,14 +153,14 @@ def _replicas(args) -> None:
     from dist_train.launchers.replicas import local_replicas
 
     from .config import load_config
-    from .layout import local_device_type, preflight
+    from .layout import preflight
 
     if args.replicas < 1:
         raise UserError(f"--replicas {args.replicas}: must be at least 1")
     if args.runs:
         raise UserError("--replicas cannot be combined with --runs; launch one elastic run at a time")
     probe = load_config(args.config, [*args.overrides, "elastic.lighthouse=127.0.0.1:1", "elastic.replica_id=a"])
-    preflight([probe], args.nproc, args.nodes, device=local_device_type())
+    preflight([probe], args.nproc, args.nodes)
     local_replicas(args.config, args.overrides, args.nproc, args.replicas, probe.run_dir.parent,
                    min_replicas=probe.elastic.min_replicas, join_timeout_s=probe.elastic.join_timeout_s)
 

@@ -47,10 +47,10 @@ def preflight(cfgs: list[Config], nproc: int, nodes: int = 1, *,
               shard_dirs: list[Path | str] | None = None, device: str | None = None) -> LaunchPlan:
     """Check every run of a launch on `nproc` ranks over `nodes` nodes. Without
     `shard_dirs` each run's data source is prepared here (once; later calls find it
-    ready), so its vocabulary can be checked against the layout too. `device` is the
-    device type the ranks use ("cpu", "cuda"), where this process knows it (a launcher
-    on the ranks' machine: `local_device_type()`; a rank: its own); None skips the
-    device's dtype check (each rank makes it at start)."""
+    ready), so its vocabulary can be checked against the layout too. `device`: a rank's
+    own device type ("cpu", "cuda"), for the dtype check that needs the device itself
+    (`check_device_dtypes`); launchers pass none (they do not touch the GPU: a CUDA
+    context in the launcher would hold memory for the whole run)."""
     if nproc < 1:
         raise ConfigError(f"--nproc {nproc}: must be at least 1")
     if nodes < 1 or nproc % nodes:
@@ -98,18 +98,12 @@ def check_layout(cfg: Config, world_size: int, local_world_size: int | None = No
     return dims
 
 
-def local_device_type() -> str:
-    """The device type ranks started on this machine use (distributed.pick_device's choice)."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def check_device_dtypes(cfg: Config, device: str, capability: tuple[int, int] | None = None,
                         name: str | None = None) -> None:
     """Refuse a dtype the device cannot compute in, naming the field that asked for it.
     bf16 compute needs a GPU of compute capability 8.0 (Ampere) or newer; `capability` and
-    `name` default to this process's current GPU. On the CPU every offered dtype runs:
+    `name` default to this process's current GPU (each rank checks its own at start,
+    before the mesh is built). On the CPU every offered dtype runs:
     bf16 kernels, and gloo gathers and reduces bf16 (measured with torch 2.13)."""
     if device != "cuda":
         return

@@ -157,7 +157,7 @@ def run_drills(config: str | None, overrides: list[str], drills: list[Drill], np
     """All drills in one launch; fills each drill's `result`."""
     from dist_train.config import load_runs
     from dist_train.launchers.local import LocalJob
-    from dist_train.layout import local_device_type, preflight
+    from dist_train.layout import preflight
 
     root.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -166,7 +166,7 @@ def run_drills(config: str | None, overrides: list[str], drills: list[Drill], np
         entries.append([f"{k}={v}" for k, v in sets.items()] + [f"fault.inject={json.dumps([d.spec])}"])
     runs_file = root / "runs.json"
     runs_file.write_text(json.dumps(entries))
-    plan = preflight(load_runs(config, overrides, str(runs_file)), nproc, device=local_device_type())
+    plan = preflight(load_runs(config, overrides, str(runs_file)), nproc)
     restarts = sum(1 for d in drills if d.spec.split(":")[0] in RESTARTS) + 2
     job = LocalJob(config, overrides, nproc, 1, restarts, str(runs_file), plan)
 

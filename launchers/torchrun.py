@@ -88,9 +88,9 @@ def _parse(torch_run, argv: list[str]):
 def _preflight(ns, nproc: int, nodes: int) -> None:
     """Check the runs as `dist-train train` will read them, at the job's largest world."""
     from dist_train.config import load_runs
-    from dist_train.layout import local_device_type, preflight
+    from dist_train.layout import preflight
 
-    preflight(load_runs(ns.config, ns.overrides, ns.runs), nproc, nodes, device=local_device_type())
+    preflight(load_runs(ns.config, ns.overrides, ns.runs), nproc, nodes)
 
 
 def _run(torch_run, args) -> None:

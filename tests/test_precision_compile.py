@@ -158,8 +158,8 @@ def test_bad_precision_setting_is_one_line_from_the_cli(tmp_path):
 
 
 def test_bf16_on_a_gpu_without_it_is_refused_naming_the_field():
-    """bf16 compute on a pre-Ampere GPU (checked by each rank at start, and by a launcher
-    on the ranks' machine): one line naming the field that asked for bf16 and the fix."""
+    """bf16 compute on a pre-Ampere GPU (each rank checks its device at start): one line
+    naming the field that asked for bf16 and the fix."""
     from dist_train.config import ConfigError, load_config
     from dist_train.layout import check_device_dtypes
 
