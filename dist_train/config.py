@@ -35,6 +35,9 @@ def _f(default, help: str, *, min=None, max=None, choices=None, bools=None):
     return field(default=default, metadata=meta)
 
 
+DTYPES = ("auto", "fp32", "bf16")
+
+
 @dataclass
 class RunSection:
     name: str = _f("demo", "run name; the run directory is <dir>/<name>")
@@ -116,7 +119,18 @@ class TrainSection:
     beta2: float = _f(0.95, "AdamW beta2", min=0.0, max=1.0)
     momentum: float = _f(0.0, "SGD momentum (train.optimizer = 'sgd')", min=0.0, max=1.0)
     grad_clip: float = _f(1.0, "global gradient-norm clip; 0 = off", min=0.0)
-    dtype: str = _f("auto", "compute dtype; auto = fp32 on CPU, bf16 on GPU", choices=("auto", "fp32", "bf16"))
+    dtype: str = _f("auto", "compute dtype; auto = train.param_dtype if that is set, else fp32 on CPU and bf16 on "
+                    "GPU (fp16 is not offered: it needs loss scaling)", choices=DTYPES)
+    param_dtype: str = _f("auto", "dtype FSDP2 gathers the parameters in for forward and backward (FSDP2's "
+                          "MixedPrecisionPolicy; the sharded weights and optimizer state stay fp32); auto = the "
+                          "compute dtype; fp32 under bf16 compute = fp32 gathers, autocast to bf16", choices=DTYPES)
+    reduce_dtype: str = _f("auto", "dtype FSDP2 reduces gradients in (reduce-scatter over dp_shard, all-reduce over "
+                           "dp_replicate); auto = fp32; no effect without data parallelism", choices=DTYPES)
+    compile: bool = _f(False, "torch.compile each transformer block (per block, after tensor parallelism, before "
+                       "FSDP); compiled before step 1, its time is the first record's compile_s, not step_time_s")
+    compile_backend: str = _f("inductor", "torch.compile backend: inductor (generated kernels), or aot_eager (the "
+                              "same graph capture and autograd, run by eager kernels: a quick check)",
+                              choices=("inductor", "aot_eager"))
     activation_checkpoint: str = _f("none", "recompute in backward, per block and micro-batch: none, full (the "
                                     "whole block), selective (keep matmul and attention outputs, recompute "
                                     "the elementwise ops); true/false mean full/none",
@@ -450,9 +464,34 @@ def load_runs(path: str | Path | None, overrides: list[str], runs_file: str | No
     return [load_config(path, list(overrides) + r) for r in runs]
 
 
+def resolve_dtypes(t: TrainSection, device_type: str) -> tuple[str, str, str]:
+    """(compute, param, reduce) dtypes of a run on `device_type` ("cpu" or "cuda"), as
+    names: an "auto" train.dtype follows an explicit train.param_dtype and an "auto"
+    param_dtype the compute dtype, else the device decides (fp32 on CPU, bf16 on GPU);
+    reduce "auto" is fp32. The defaults give bf16 parameters with fp32 reductions on GPU
+    and fp32 everywhere on CPU."""
+    compute = t.dtype if t.dtype != "auto" else t.param_dtype if t.param_dtype != "auto" else (
+        "bf16" if device_type == "cuda" else "fp32")
+    param = t.param_dtype if t.param_dtype != "auto" else compute
+    return compute, param, t.reduce_dtype if t.reduce_dtype != "auto" else "fp32"
+
+
 def _validate(cfg: Config) -> None:
     """Checks across fields that hold whatever the world size."""
     m, t = cfg.model, cfg.train
+    if t.dtype == "fp32" and t.param_dtype == "bf16":
+        raise ConfigError("train.param_dtype = 'bf16' with train.dtype = 'fp32': FSDP2 computes with the parameters "
+                          "it gathers, so the compute would be bf16; set train.dtype = 'bf16' (or 'auto'), or "
+                          "train.param_dtype = 'fp32'")
+    if t.compile and m.moe_experts:
+        raise ConfigError(f"train.compile = true with model.moe_experts = {m.moe_experts}: routing tokens to experts "
+                          "has data-dependent shapes (tokens per expert), which would recompile the block every "
+                          "step; set train.compile = false for MoE models")
+    if t.compile and cfg.kernels.backend == "triton":
+        raise ConfigError("train.compile = true with kernels.backend = 'triton': compiled blocks trace the torch "
+                          "implementations of the ops (the compiler generates its own fused kernels), the "
+                          "hand-written Triton kernels are not traced; set kernels.backend = 'auto' (Triton for the "
+                          "head and loss outside the blocks) or train.compile = false")
     if m.dim % m.n_heads:
         raise ConfigError(f"model.dim = {m.dim} is not divisible by model.n_heads = {m.n_heads}; "
                           "choose n_heads dividing dim")

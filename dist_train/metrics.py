@@ -155,7 +155,8 @@ class MetricsLog:
         self._pending = None
         self.last = stats.wait()
         record = self.build_record(step, self.last, local)
-        if self.writer is not None and (step % self.log_every == 0 or step == self.last_step):
+        # a run's first record with its compile time (train.compile) is written whatever log_every
+        if self.writer is not None and (step % self.log_every == 0 or step == self.last_step or "compile_s" in record):
             self.writer.write(record)
         if self.progress is not None:
             self.progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
