@@ -487,6 +487,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"train.compile = true with model.moe_experts = {m.moe_experts}: routing tokens to experts "
                           "has data-dependent shapes (tokens per expert), which would recompile the block every "
                           "step; set train.compile = false for MoE models")
+    if t.compile and cfg.metrics.noise_scale:
+        raise ConfigError("metrics.noise_scale = true with train.compile = true: the noise scale reads each "
+                          "micro-batch's gradients through hooks it adds at forward time, which a compiled block "
+                          "cannot trace; set train.compile = false to measure the noise scale, or "
+                          "metrics.noise_scale = false")
     if t.compile and cfg.kernels.backend == "triton":
         raise ConfigError("train.compile = true with kernels.backend = 'triton': compiled blocks trace the torch "
                           "implementations of the ops (the compiler generates its own fused kernels), the "

@@ -238,8 +238,8 @@ def apply_compile(model: nn.Module, backend: str) -> nn.Module:
     for block in model.layers.values():
         compiled = torch.compile(block.forward, backend=backend, fullgraph=True)
 
-        def forward(x, cos, sin, compiled=compiled):
-            return compiled(x.clone() if x._base is not None else x, cos, sin)
+        def forward(x, cos, sin, docs=None, compiled=compiled):
+            return compiled(x.clone() if x._base is not None else x, cos, sin, docs)
 
         block.forward = forward
     return model

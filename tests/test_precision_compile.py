@@ -133,6 +133,7 @@ BAD = [
     (["train.dtype=fp32", "train.param_dtype=bf16"], "train.param_dtype = 'bf16' with train.dtype = 'fp32': FSDP2 "
                                                      "computes with the parameters it gathers"),
     (["train.compile=true", "model.moe_experts=4"], "train.compile = true with model.moe_experts = 4: routing"),
+    (["train.compile=true", "metrics.noise_scale=true"], "metrics.noise_scale = true with train.compile = true"),
     (["train.compile=true", "kernels.backend=triton"], "train.compile = true with kernels.backend = 'triton'"),
     (["train.compile_backend=eager"], "train.compile_backend = 'eager': must be one of 'inductor', 'aot_eager'"),
 ]
