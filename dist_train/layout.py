@@ -16,6 +16,7 @@ from dist_train.parallel.dims import MeshError, ParallelDims
 from dist_train.parallel.pipeline import plan_stages
 
 from .config import Config, ConfigError
+from .topology import build_topology, topology_given
 
 
 class TensorParallelError(MeshError):
@@ -54,6 +55,8 @@ def preflight(cfgs: list[Config], nproc: int, nodes: int = 1, *,
         raise ConfigError(f"--nodes {nodes}: must divide --nproc {nproc} (each node gets the same number of ranks)")
     runs = []
     for i, cfg in enumerate(cfgs):
+        if topology_given(cfg.topology):
+            build_topology(cfg.topology, nproc, nodes)  # the topology must match the launch
         shard_dir = Path(shard_dirs[i]) if shard_dirs else _prepare(cfg)
         vocab = source_vocab_size(shard_dir, cfg.data.tokenizer) if shard_dir else None
         runs.append(RunPlan(cfg, check_layout(cfg, nproc, nproc // nodes, vocab), shard_dir))
