@@ -150,7 +150,7 @@ def _ray(args) -> None:
     from .layout import preflight
 
     cfgs = load_runs(args.config, args.overrides, args.runs)
-    plan = preflight(cfgs, args.workers)  # nodes unknown until Ray places the ranks: each rank re-checks
+    plan = preflight(cfgs, args.workers, None)  # nodes unknown until Ray places the ranks: each rank re-checks
     RayJob(worker_args(args.config, args.overrides, args.runs), args.workers, cfgs[0].run_dir / "ray",
            address=args.address, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
            max_failures=args.max_failures, plan=plan).run()

@@ -111,8 +111,8 @@ def test_placements_on_two_simulated_clusters(tmp_path):
     (tmp_path / "t.toml").write_text(TOPOLOGY)
     common = {"topology.file": str(tmp_path / "t.toml"), "parallel.pp": 2}
     runs = {"ordered": {"parallel.placement": "ordered", "train.steps": 2, "checkpoint.every": 2},
-            "auto": {"parallel.placement": "auto", "train.steps": 4},
-            "ordered ": {"parallel.placement": "auto", "train.steps": 4}}  # the same run, resumed
+            "auto": {"parallel.placement": "auto", "train.steps": 4, "checkpoint.every": 0},
+            "ordered ": {"parallel.placement": "auto", "train.steps": 4, "checkpoint.every": 0}}  # resumed
     out = sweep(tmp_path, 8, runs, common, nodes=4)
     assert "placement: auto" in out.stdout and "pp: [0,2] [1,3] [4,6] [5,7] over inter_cluster" in out.stdout
     assert "topology: simulating inter_cluster (1 ms, 0.2 Gbit/s)" in out.stdout
@@ -141,3 +141,61 @@ def test_placements_on_two_simulated_clusters(tmp_path):
     assert_values_match([r["loss"] for r in ordered], [r["loss"] for r in auto], TOKENS, "ordered (resumed under auto) "
                         "vs auto")
     assert "at step 2" in out.stdout.split("resumed from", 1)[1].splitlines()[0]
+
+
+def test_link_model_is_the_ring_time_over_the_slowest_link():
+    """The topology's link model (fault/inject.py): latency per ring step + wire bytes /
+    bandwidth, for the slowest class among the op's members; other classes cost nothing."""
+    from dist_train.fault.inject import LinkModel
+    from dist_train.fault.recorder import CollectiveRecord
+
+    model = LinkModel(INTERLEAVED.group_link, {"inter_cluster": (0.002, 1e6)})
+    ar = CollectiveRecord("dp_shard", "allreduce", "all_reduce", 1, 4000, (0, 1, 2, 3), True)
+    assert model.seconds(ar) == pytest.approx(2 * 3 * 0.002 + 2 * 3 * 4000 / 4 / 1e6)
+    recv = CollectiveRecord("pp", "recv", "send_recv", 1, 5000, (2, 0), True)
+    assert model.seconds(recv) == pytest.approx(0.002 + 5000 / 1e6)
+    inside = CollectiveRecord("dp_shard", "allgather", "all_gather", 1, 4000, (0, 1, 4, 5), True)
+    assert model.seconds(inside) == 0.0
+
+
+class _Done:
+    def __init__(self, done: bool):
+        self.done = done
+
+    def is_completed(self):
+        return self.done
+
+    def wait(self, timeout=None):
+        return True
+
+
+@pytest.mark.parametrize("done_before_wait", [True, False])
+def test_observed_work_holds_an_op_for_its_link_time(done_before_wait):
+    """Completed before its wait, an op ends link_s after it was entered; waited while in
+    flight, link_s after it completes (lower bounds only: sleeping guarantees them)."""
+    import time
+
+    from dist_train.fault.collectives import _ObservedWork
+    from dist_train.fault.recorder import CollectiveRecord, GroupState, _now
+
+    st = GroupState("pp", (0, 2))
+    rec = CollectiveRecord("pp", "send", "send_recv", 1, 10, (0, 2), True)
+    rec.link_s, rec.t_enter = 0.05, _now()
+    t0 = time.monotonic()
+    _ObservedWork(_Done(done_before_wait), st, rec).wait()
+    assert time.monotonic() - t0 >= 0.05 - 1e-3 and rec.t_exit - rec.t_enter >= 0.05e9
+
+
+def test_c4_names_the_link_class_of_a_slow_link(tmp_path):
+    from dist_train.fault.watcher import Watcher, link_class
+    from dist_train.topology import write_placement
+
+    write_placement(tmp_path, place("auto", (1, 2, 1, 4, 1), INTERLEAVED), INTERLEAVED)
+    assert [link_class(tmp_path, r) for r in ([0, 1], [0, 4], [0, 2])] == ["intra_node", "intra_cluster",
+                                                                            "inter_cluster"]
+    assert link_class(tmp_path / "elsewhere", [0, 2]) is None  # no topology: no class
+    lines = []
+    w = Watcher(None, 8, log=lines.append)
+    [out] = w._emit({"kind": "slow_link", "ranks": [0, 2], "group": "pp", "since_onset_s": 1.0, "run": str(tmp_path),
+                     "step": 7, "why": "slow"}, {}, 0.0, dedupe=None)
+    assert out["link_class"] == "inter_cluster" and "inter_cluster link" in lines[0]
