@@ -291,7 +291,11 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_toml(self) -> str:
-        return tomli_w.dumps({sec: {_key(k): v for k, v in body.items()} for sec, body in self.to_dict().items()})
+        """The resolved config; a topology file's keys are in [topology] already, so its path is
+        left out (the run directory's config.toml loads without the file)."""
+        d = self.to_dict()
+        d["topology"]["file"] = ""
+        return tomli_w.dumps({sec: {_key(k): v for k, v in body.items()} for sec, body in d.items()})
 
 
 def _suggest(name: str, options) -> str:
