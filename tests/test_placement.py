@@ -38,8 +38,8 @@ def test_auto_keeps_pp_on_the_slow_links_and_dp_shard_in_a_cluster():
     assert _classes(auto, INTERLEAVED, "pp") == {"inter_cluster"}
     assert _classes(auto, INTERLEAVED, "dp_shard") == {"intra_cluster"}
     assert monotone(auto.ranks, shape)
-    # numbered cluster by cluster, today's map is already that one
-    assert place("auto", shape, CONTIGUOUS).identity
+    # numbered cluster by cluster, today's map is already that one; no topology: today's map
+    assert place("auto", shape, CONTIGUOUS).identity and place("auto", shape, None).identity
     # tp inside a node, dp_shard across the cluster's nodes, dp_replicate between clusters
     hsdp = place("auto", (1, 1, 2, 2, 2), INTERLEAVED)
     assert [_classes(hsdp, INTERLEAVED, d) for d in ("dp_replicate", "dp_shard", "tp")] == [
