@@ -146,6 +146,26 @@ class ParallelSection:
     pp_schedule: str = _f("1f1b", "pipeline schedule", choices=("gpipe", "1f1b", "interleaved", "layered"))
     ep: int = _f(1, "expert-parallel degree (borrows dp_shard x tp ranks)", min=1)
     a2a: str = _f("flat", "MoE all-to-all", choices=("flat", "hierarchical"))
+    placement: str = _f("auto", "which rank holds which mesh coordinate: auto = with a [topology], tp (and ep) inside a "
+                        "node, dp_shard inside a cluster where it fits, pp / dp_replicate / diloco over the slow links "
+                        "(dist_train/topology.py); without one, and ordered, = coordinates row-major by rank",
+                        choices=("auto", "ordered"))
+
+
+@dataclass
+class TopologySection:
+    file: str = _f("", "a TOML file holding a [topology] table (`--topology FILE` sets it); its keys fill the fields "
+                   "below that the config does not set")
+    nodes: int = _f(0, "nodes the topology describes; 0 = the launch's (else it must equal --nodes / --nnodes)", min=0)
+    clusters: int = _f(1, "clusters of consecutive nodes (must divide the node count); see cluster_map", min=1)
+    cluster_map: dict = _f(dict, "cluster name -> node indices (node = rank // LOCAL_WORLD_SIZE, as the launcher "
+                           "numbers them), e.g. { a = [0, 2], b = [1, 3] }; every node once, equal sizes; instead of "
+                           "clusters")
+    links: dict = _f(dict, "per link class (intra_node, intra_cluster, inter_cluster) its bandwidth and latency, e.g. "
+                     "{ inter_cluster = { bandwidth_gbps = 1.0, latency_ms = 2.0 } }; a class not given is not slowed")
+    simulate: str = _f("auto", "slow every op whose group crosses a link class with a bandwidth or latency down to it "
+                       "(latency per ring step + wire bytes / bandwidth): on, off, or auto = under `dist-train local` "
+                       "(simulated nodes)", choices=("auto", "on", "off"))
 
 
 @dataclass
@@ -252,7 +272,7 @@ class MetricsSection:
 
 SECTIONS = {
     "run": RunSection, "model": ModelSection, "data": DataSection, "train": TrainSection,
-    "parallel": ParallelSection, "diloco": DilocoSection, "elastic": ElasticSection, "eval": EvalSection,
+    "parallel": ParallelSection, "topology": TopologySection, "diloco": DilocoSection, "elastic": ElasticSection, "eval": EvalSection,
     "checkpoint": CheckpointSection,
     "c4": C4Section, "fault": FaultSection, "kernels": KernelsSection, "metrics": MetricsSection,
 }
@@ -265,6 +285,7 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    topology: TopologySection = field(default_factory=TopologySection)
     diloco: DilocoSection = field(default_factory=DilocoSection)
     elastic: ElasticSection = field(default_factory=ElasticSection)
     eval: EvalSection = field(default_factory=EvalSection)
@@ -284,7 +305,11 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_toml(self) -> str:
-        return tomli_w.dumps({sec: {_key(k): v for k, v in body.items()} for sec, body in self.to_dict().items()})
+        """The resolved config; a topology file's keys are in [topology] already, so its path is
+        left out (the run directory's config.toml loads without the file)."""
+        d = self.to_dict()
+        d["topology"]["file"] = ""
+        return tomli_w.dumps({sec: {_key(k): v for k, v in body.items()} for sec, body in d.items()})
 
 
 def _suggest(name: str, options) -> str:
@@ -310,7 +335,7 @@ def _field_spec(section: str, key: str) -> dataclasses.Field:
 
 def _type_name(t) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
-            dict: "a table of source = weight"}[t]
+            dict: "a table, e.g. { a = 1 }"}[t]
 
 
 def _coerce(section: str, key: str, value: Any) -> Any:
@@ -381,6 +406,15 @@ def build_config(raw: dict, overrides: list[tuple[str, str, Any]] = ()) -> Confi
         raise ConfigError(f"model.preset = {preset!r} is not a preset{_suggest(preset, MODEL_PRESETS)}")
     for key, value in MODEL_PRESETS[preset].items():
         setattr(cfg.model, key, value)
+    file = flat.get(("topology", "file"))
+    if file:  # a topology file fills the [topology] fields not set explicitly
+        from .topology import read_topology_file
+
+        for key, value in read_topology_file(file).items():
+            try:
+                flat.setdefault(("topology", key), _coerce("topology", key, value))
+            except ConfigError as e:
+                raise ConfigError(f"topology file {file}: {e}") from None
     for (section, key), value in flat.items():
         setattr(getattr(cfg, section), _field_spec(section, key).name, value)
     if cfg.model.init_from:
@@ -518,6 +552,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"train.warmup = {t.warmup} plus the wsd decay (train.decay_ratio = {t.decay_ratio:g} of "
                           f"{t.steps} steps = {round(t.decay_ratio * t.steps)}) exceed train.steps = {t.steps}; "
                           "lower train.warmup or train.decay_ratio")
+    if cfg.topology.links:
+        from .topology import check_links
+
+        check_links(cfg.topology.links)
     if cfg.parallel.dp_shard == 0:
         raise ConfigError("parallel.dp_shard = 0: use a positive degree or -1 for every rank the others leave")
     r = cfg.checkpoint.resume

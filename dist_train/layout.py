@@ -16,6 +16,7 @@ from dist_train.parallel.dims import MeshError, ParallelDims
 from dist_train.parallel.pipeline import plan_stages
 
 from .config import Config, ConfigError, resolve_dtypes
+from .topology import build_topology, topology_given
 
 
 class TensorParallelError(MeshError):
@@ -43,9 +44,10 @@ def is_pipelined(cfg: Config, dims: ParallelDims) -> bool:
     return dims.pp > 1 or cfg.parallel.pp_schedule == "layered"
 
 
-def preflight(cfgs: list[Config], nproc: int, nodes: int = 1, *,
+def preflight(cfgs: list[Config], nproc: int, nodes: int | None = 1, *,
               shard_dirs: list[Path | str] | None = None, device: str | None = None) -> LaunchPlan:
-    """Check every run of a launch on `nproc` ranks over `nodes` nodes. Without
+    """Check every run of a launch on `nproc` ranks over `nodes` nodes (None: not known
+    yet, as under Ray before it places the ranks; every rank checks again). Without
     `shard_dirs` each run's data source is prepared here (once; later calls find it
     ready), so its vocabulary can be checked against the layout too. `device`: a rank's
     own device type ("cpu", "cuda"), for the dtype check that needs the device itself
@@ -53,13 +55,15 @@ def preflight(cfgs: list[Config], nproc: int, nodes: int = 1, *,
     context in the launcher would hold memory for the whole run)."""
     if nproc < 1:
         raise ConfigError(f"--nproc {nproc}: must be at least 1")
-    if nodes < 1 or nproc % nodes:
+    if nodes is not None and (nodes < 1 or nproc % nodes):
         raise ConfigError(f"--nodes {nodes}: must divide --nproc {nproc} (each node gets the same number of ranks)")
     runs = []
     for i, cfg in enumerate(cfgs):
+        if nodes is not None and topology_given(cfg.topology):
+            build_topology(cfg.topology, nproc, nodes)  # the topology must match the launch
         shard_dir = Path(shard_dirs[i]) if shard_dirs else _prepare(cfg)
         vocab = source_vocab_size(shard_dir, cfg.data.tokenizer) if shard_dir else None
-        runs.append(RunPlan(cfg, check_layout(cfg, nproc, nproc // nodes, vocab), shard_dir))
+        runs.append(RunPlan(cfg, check_layout(cfg, nproc, nproc // nodes if nodes else None, vocab), shard_dir))
         if device is not None:
             check_device_dtypes(cfg, device)
         check_run_dir(cfg)

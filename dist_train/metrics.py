@@ -51,6 +51,13 @@ class StepStats:
             for f in GROUP_FIELDS:
                 self.add(f"comm_by_dim.{name}.{f}", groups.get(name, {}).get(f, 0))
 
+    def add_links(self, links: dict, classes) -> None:
+        """The step's collectives per link class and kind: (count, bytes), every class listed."""
+        for c in classes:
+            for kind in COMM_KINDS:
+                for f in COMM_FIELDS:
+                    self.add(f"comm_by_link.{c}.{kind}.{f}", links.get(c, {}).get(kind, {}).get(f, 0))
+
     def gather(self, background) -> "PendingStats":
         """Start the all-gather over the world; `background` is the recorder's context that
         keeps it out of the step's counts and out of C4's stuck ops until it is waited."""
@@ -113,6 +120,16 @@ class GatheredStats:
                  if n.startswith("comm_by_dim.") and n.endswith(".count")]
         out = {name: {f: self.total(f"comm_by_dim.{name}.{f}") for f in GROUP_FIELDS} for name in names}
         return {name: c for name, c in out.items() if c["count"]}
+
+
+    def comm_by_link(self) -> dict | None:
+        """The `comm_by_link` record: per link class, per kind {count, bytes} summed over
+        ranks (None without a topology)."""
+        classes = list(dict.fromkeys(n.split(".")[1] for n in self._where if n.startswith("comm_by_link.")))
+        if not classes:
+            return None
+        return {c: {k: {f: self.total(f"comm_by_link.{c}.{k}.{f}") for f in COMM_FIELDS} for k in COMM_KINDS}
+                for c in classes}
 
 
 class MetricsLog:

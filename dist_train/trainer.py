@@ -45,6 +45,7 @@ from .model import ModelArgs, count_params, flops_per_token
 from .noise_scale import MicroBatchSquares, NoiseScale
 from .parallelize import diloco_fragments, parallelize
 from .schedules import lr_factor
+from .topology import LINK_CLASSES, build_topology, describe, place, simulate_wanted, topology_given, write_placement
 
 # mesh groups whose traffic metrics report by name (`comm_by_dim`); others count as "other"
 COMM_GROUPS = MESH_DIMS + ("ep", "edp", "batch", "replica", "world", "other")
@@ -104,7 +105,9 @@ class Trainer:
         nodes = self.env.world_size // self.env.local_world_size
         self.dims = preflight([cfg], self.env.world_size, nodes, shard_dirs=[sources[0][1]],
                               device=self.device.type).runs[0].dims
-        self.mesh, self.batch_mesh = self.dims.build_mesh(self.device.type)
+        self._place(nodes)
+        self.mesh, self.batch_mesh = self.dims.build_mesh(
+            self.device.type, None if self.placement.identity else self.placement.tensor())
         name_mesh_groups(self.mesh)
         kernels.set_default_backend(cfg.kernels.backend)
         datasets = [TokenDataset(d, cfg.data.seq_len, tokenizer=cfg.data.tokenizer) for _, d in sources]
@@ -133,6 +136,42 @@ class Trainer:
             print(msg, flush=True)
 
     # ---- setup --------------------------------------------------------------------------
+    def _place(self, nodes: int) -> None:
+        """The topology (if any) and the rank placement (dist_train/topology.py): printed and
+        written to placement.json; with a topology every op is counted by link class, and
+        under `dist-train local` the slow classes are simulated."""
+        from dist_train.fault.inject import LinkModel
+
+        t = self.cfg.topology
+        self.topology = build_topology(t, self.env.world_size, nodes) if topology_given(t) else None
+        self.placement = place(self.cfg.parallel.placement, self.dims.shape, self.topology, self.dims.ep)
+        rec = self.recorder
+        rec.hooks[:] = [h for h in rec.hooks if not isinstance(getattr(h, "__self__", None), LinkModel)]
+        rec.link_of = None
+        if self.topology is None:
+            return
+        cache: dict = {}
+        topo = self.topology
+
+        def link_of(ranks: tuple) -> str:
+            c = cache.get(ranks)
+            if c is None:
+                c = cache[ranks] = topo.group_link(ranks)
+            return c
+
+        rec.link_of = link_of
+        links = topo.simulated_links()
+        if links and simulate_wanted(t):
+            rec.hooks.append(LinkModel(link_of, links).hook)
+        if self.rank == 0:
+            for line in describe(self.placement, topo):
+                print(line, flush=True)
+            if links and simulate_wanted(t):
+                print("topology: simulating " + ", ".join(
+                    f"{c} ({lat * 1e3:g} ms, {bps * 8 / 1e9:g} Gbit/s)" if bps else f"{c} ({lat * 1e3:g} ms)"
+                    for c, (lat, bps) in links.items()), flush=True)
+            write_placement(self.run_dir, self.placement, topo)
+
     def _prepare_data(self) -> list[tuple[str, str]]:
         """One rank prepares the sources (the bundled corpus, file globs) if needed; the others
         wait, then read."""
@@ -456,6 +495,9 @@ class Trainer:
             for f, v in c.items():
                 into[f] += v
         stats.add_comm(self.recorder.step_summary(reset=True), groups, COMM_GROUPS)
+        links = self.recorder.link_summary(reset=True)
+        if self.topology is not None:
+            stats.add_links(links, LINK_CLASSES)
         if self.args.moe_experts:
             topo = self.par.ep_topology
             moe.add_stats(stats, self.par.parts, self.args.moe_layer_ids(), self.args.moe_experts,
@@ -489,6 +531,8 @@ class Trainer:
             "comm": g.comm(),
             "comm_by_dim": g.comm_by_dim(),
         }
+        if self.topology is not None:  # per link class (dist_train/topology.py), by kind
+            record["comm_by_link"] = g.comm_by_link()
         if local["source_counts"] is not None:  # data.mix: tokens so far per source (like "tokens")
             record["tokens_by_source"] = {name: n * self.cfg.data.seq_len
                                           for name, n in zip(self.source_names, local["source_counts"])}
@@ -505,7 +549,8 @@ class Trainer:
             if step == self.joined[0] + 1:
                 record["join_s"] = self.joined[1]  # waiting for the first quorum (and healing) before this step
             if local["outer"].applied:  # the same shard (rank modulo a replica's ranks) agrees in every replica
-                digests = g.column("diloco_digest").view(self.dims.diloco, -1)
+                # rows by rank; in mesh order (diloco outermost) whatever the placement
+                digests = g.column("diloco_digest")[self.placement.tensor().flatten().long()].view(self.dims.diloco, -1)
                 record["replicas_agree"] = bool((digests == digests[0]).all())
                 record["outer_digest"] = [int(x) for x in digests[0].tolist()]  # this replica's, per rank
         if self.args.moe_experts:
