@@ -15,6 +15,8 @@
    whether the fastest layout measured is the one predicted fastest.
 
 Run:  OMP_NUM_THREADS=1 .venv/bin/python bench/planner.py [--out /tmp/planner-bench] [--steps 4]
+      --mmap-threshold 131072: the ranks' RSS without glibc's freed-heap slack (see docs/benchmarks.md)
+      --device-from OUT/cpu-topology.toml: reuse measured peak and link; --reverse: layouts in reverse order
 """
 from __future__ import annotations
 
@@ -161,6 +163,8 @@ def main() -> None:
                     help="run the ranks with glibc's MALLOC_MMAP_THRESHOLD_ fixed at BYTES: every allocation "
                          "above it is mmapped and returned when freed, so the peak RSS counts live tensors, not "
                          "freed heap memory glibc keeps (default: glibc's dynamic threshold)")
+    ap.add_argument("--reverse", action="store_true", help="run the layouts in reverse order (the load of a shared "
+                                                               "machine drifts: a second run in the other order shows it)")
     ap.add_argument("--device-from", metavar="TOPOLOGY",
                     help="reuse the peak and link figures of an earlier run's cpu-topology.toml (the baseline "
                          "is always measured again)")
@@ -208,7 +212,8 @@ def main() -> None:
     topo = load_topology(topo_path, "cpu", NPROC)
 
     rows = []
-    for name, spec in LAYOUTS.items():
+    order = list(LAYOUTS.items())[::-1] if args.reverse else LAYOUTS.items()
+    for name, spec in order:
         if args.only and name not in args.only:
             continue
         over = layout_sets(spec)
