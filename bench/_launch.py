@@ -12,14 +12,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_sweep(root: Path, nproc: int, runs: dict[str, dict], common: dict) -> dict[str, list[dict]]:
-    """Launch once with `nproc` ranks; returns {run name: metrics records}."""
+def run_sweep(root: Path, nproc: int, runs: dict[str, dict], common: dict, nodes: int = 1) -> dict[str, list[dict]]:
+    """Launch once with `nproc` ranks (on `nodes` simulated nodes); returns {run name: metrics records}."""
     base = {"run.dir": str(root), "metrics.progress": "false", "metrics.report": "false",
             "checkpoint.every": 0, **common}
     entries = [[f"{k}={v}" for k, v in {**base, "run.name": name, **sets}.items()] for name, sets in runs.items()]
     spec = root / f"runs-{nproc}.json"
     spec.write_text(json.dumps(entries))
-    cmd = [sys.executable, "-m", "dist_train", "local", "--nproc", str(nproc), "configs/tiny.toml", "--runs", str(spec)]
+    cmd = [sys.executable, "-m", "dist_train", "local", "--nproc", str(nproc), "--nodes", str(nodes), "configs/tiny.toml",
+           "--runs", str(spec)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode:
         raise SystemExit(f"launch failed:\n{proc.stderr[-3000:]}")

@@ -33,10 +33,17 @@ def _parser() -> argparse.ArgumentParser:
                         help="several runs one after another in the same launch: a JSON list of lists of "
                              "overrides (a sweep; saves the start-up of a job per run)")
 
+    def topology_arg(sp):
+        sp.add_argument("--topology", metavar="T.toml",
+                        help="a TOML file with a [topology] table: clusters of nodes and per link class a bandwidth "
+                             "and latency (sets topology.file; `local` simulates the slow links)")
+
     sp = sub.add_parser("train", help="train inside an already-launched job (torchrun, Ray, `local`)")
     config_args(sp)
+    topology_arg(sp)
     sp = sub.add_parser("local", help="train on N simulated ranks on this machine")
     config_args(sp)
+    topology_arg(sp)
     sp.add_argument("--nproc", type=int, required=True, help="ranks to start (1 = the single-process reference)")
     sp.add_argument("--nodes", type=int, default=1, help="simulated nodes; each gets nproc/nodes ranks")
     sp.add_argument("--max-restarts", type=int, default=0, help="restart the job this often after a failure")
@@ -158,7 +165,7 @@ def _ray(args) -> None:
     from .layout import preflight
 
     cfgs = load_runs(args.config, args.overrides, args.runs)
-    plan = preflight(cfgs, args.workers)  # nodes unknown until Ray places the ranks: each rank re-checks
+    plan = preflight(cfgs, args.workers, None)  # nodes unknown until Ray places the ranks: each rank re-checks
     RayJob(worker_args(args.config, args.overrides, args.runs), args.workers, cfgs[0].run_dir / "ray",
            address=args.address, cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
            max_failures=args.max_failures, plan=plan).run()
@@ -191,6 +198,8 @@ def _prepare(args) -> None:
 
 def run(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if getattr(args, "topology", None):  # every rank reads the file (an absolute path: the same on each)
+        args.overrides = [*args.overrides, f"topology.file={os.path.abspath(args.topology)}"]
     if args.command == "train":
         from .config import load_runs
         from .trainer import train

@@ -1,7 +1,7 @@
 """Analytic bytes per rank and optimizer step of each collective kind, for a dense model
 under tensor (+ sequence), sharded and replicated data parallelism.
 
-Derived from how the layouts work (fp32, N micro-batches per rank, A = micro_batch x
+Derived from how the layouts work (fp32 unless FSDP's dtypes say otherwise, N micro-batches per rank, A = micro_batch x
 seq_len x dim x 4 bytes, L blocks); bench/tensor_parallel.py compares it with what the
 observed process group measures, and tests/test_tp_equivalence.py asserts it per layout.
 
@@ -36,9 +36,11 @@ def unit_params(a, tp: int) -> list[int]:
 
 
 def dense_step_bytes(a, tp: int, dp_shard: int, dp_replicate: int, seq_len: int, global_batch: int,
-                     micro_batch: int) -> dict[str, int]:
+                     micro_batch: int, param_bytes: int = 4, reduce_bytes: int = 4) -> dict[str, int]:
     """Bytes one rank's collectives of each kind move per step (module docstring); `a` is
-    the model's ModelArgs (a dense model, fp32)."""
+    the model's ModelArgs (a dense model, fp32 activations). `param_bytes` / `reduce_bytes`:
+    the size of one parameter in FSDP's gathers and of one gradient in its reductions
+    (train.param_dtype / train.reduce_dtype: 2 for bf16)."""
     n_micro = global_batch // (dp_shard * dp_replicate * micro_batch)
     act = micro_batch * seq_len * a.dim * 4
     L = a.n_layers
@@ -50,10 +52,10 @@ def dense_step_bytes(a, tp: int, dp_shard: int, dp_replicate: int, seq_len: int,
         out["all_reduce"] += (2 * L + 1) * a.dim * 4
     units = unit_params(a, tp)
     if dp_shard > 1:
-        out["all_gather"] += n_micro * (2 * sum(units[:-1]) + units[-1]) * 4
-        out["reduce_scatter"] += sum(units) * 4
+        out["all_gather"] += n_micro * (2 * sum(units[:-1]) + units[-1]) * param_bytes
+        out["reduce_scatter"] += sum(units) * reduce_bytes
     if dp_replicate > 1:
-        out["all_reduce"] += sum(units) // dp_shard * 4
+        out["all_reduce"] += sum(units) // dp_shard * reduce_bytes
     n_tensors = 2 + L * 9 + (0 if a.tie_embeddings else 1)
     out["all_reduce"] += n_tensors * 4 * (2 if tp > 1 and dp_shard > 1 else 1)  # + once over dp_shard
     return out

@@ -35,6 +35,9 @@ def _f(default, help: str, *, min=None, max=None, choices=None, bools=None):
     return field(default=default, metadata=meta)
 
 
+DTYPES = ("auto", "fp32", "bf16")
+
+
 @dataclass
 class RunSection:
     name: str = _f("demo", "run name; the run directory is <dir>/<name>")
@@ -116,7 +119,18 @@ class TrainSection:
     beta2: float = _f(0.95, "AdamW beta2", min=0.0, max=1.0)
     momentum: float = _f(0.0, "SGD momentum (train.optimizer = 'sgd')", min=0.0, max=1.0)
     grad_clip: float = _f(1.0, "global gradient-norm clip; 0 = off", min=0.0)
-    dtype: str = _f("auto", "compute dtype; auto = fp32 on CPU, bf16 on GPU", choices=("auto", "fp32", "bf16"))
+    dtype: str = _f("auto", "compute dtype; auto = train.param_dtype if that is set, else fp32 on CPU and bf16 on "
+                    "GPU (fp16 is not offered: it needs loss scaling)", choices=DTYPES)
+    param_dtype: str = _f("auto", "dtype FSDP2 gathers the parameters in for forward and backward (FSDP2's "
+                          "MixedPrecisionPolicy; the sharded weights and optimizer state stay fp32); auto = the "
+                          "compute dtype; fp32 under bf16 compute = fp32 gathers, autocast to bf16", choices=DTYPES)
+    reduce_dtype: str = _f("auto", "dtype FSDP2 reduces gradients in (reduce-scatter over dp_shard, all-reduce over "
+                           "dp_replicate); auto = fp32; no effect without data parallelism", choices=DTYPES)
+    compile: bool = _f(False, "torch.compile each transformer block (per block, after tensor parallelism, before "
+                       "FSDP); compiled before step 1, its time is the first record's compile_s, not step_time_s")
+    compile_backend: str = _f("inductor", "torch.compile backend: inductor (generated kernels), or aot_eager (the "
+                              "same graph capture and autograd, run by eager kernels: a quick check)",
+                              choices=("inductor", "aot_eager"))
     activation_checkpoint: str = _f("none", "recompute in backward, per block and micro-batch: none, full (the "
                                     "whole block), selective (keep matmul and attention outputs, recompute "
                                     "the elementwise ops); true/false mean full/none",
@@ -132,6 +146,26 @@ class ParallelSection:
     pp_schedule: str = _f("1f1b", "pipeline schedule", choices=("gpipe", "1f1b", "interleaved", "layered"))
     ep: int = _f(1, "expert-parallel degree (borrows dp_shard x tp ranks)", min=1)
     a2a: str = _f("flat", "MoE all-to-all", choices=("flat", "hierarchical"))
+    placement: str = _f("auto", "which rank holds which mesh coordinate: auto = with a [topology], tp (and ep) inside a "
+                        "node, dp_shard inside a cluster where it fits, pp / dp_replicate / diloco over the slow links "
+                        "(dist_train/topology.py); without one, and ordered, = coordinates row-major by rank",
+                        choices=("auto", "ordered"))
+
+
+@dataclass
+class TopologySection:
+    file: str = _f("", "a TOML file holding a [topology] table (`--topology FILE` sets it); its keys fill the fields "
+                   "below that the config does not set")
+    nodes: int = _f(0, "nodes the topology describes; 0 = the launch's (else it must equal --nodes / --nnodes)", min=0)
+    clusters: int = _f(1, "clusters of consecutive nodes (must divide the node count); see cluster_map", min=1)
+    cluster_map: dict = _f(dict, "cluster name -> node indices (node = rank // LOCAL_WORLD_SIZE, as the launcher "
+                           "numbers them), e.g. { a = [0, 2], b = [1, 3] }; every node once, equal sizes; instead of "
+                           "clusters")
+    links: dict = _f(dict, "per link class (intra_node, intra_cluster, inter_cluster) its bandwidth and latency, e.g. "
+                     "{ inter_cluster = { bandwidth_gbps = 1.0, latency_ms = 2.0 } }; a class not given is not slowed")
+    simulate: str = _f("auto", "slow every op whose group crosses a link class with a bandwidth or latency down to it "
+                       "(latency per ring step + wire bytes / bandwidth): on, off, or auto = under `dist-train local` "
+                       "(simulated nodes)", choices=("auto", "on", "off"))
 
 
 @dataclass
@@ -238,7 +272,7 @@ class MetricsSection:
 
 SECTIONS = {
     "run": RunSection, "model": ModelSection, "data": DataSection, "train": TrainSection,
-    "parallel": ParallelSection, "diloco": DilocoSection, "elastic": ElasticSection, "eval": EvalSection,
+    "parallel": ParallelSection, "topology": TopologySection, "diloco": DilocoSection, "elastic": ElasticSection, "eval": EvalSection,
     "checkpoint": CheckpointSection,
     "c4": C4Section, "fault": FaultSection, "kernels": KernelsSection, "metrics": MetricsSection,
 }
@@ -251,6 +285,7 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    topology: TopologySection = field(default_factory=TopologySection)
     diloco: DilocoSection = field(default_factory=DilocoSection)
     elastic: ElasticSection = field(default_factory=ElasticSection)
     eval: EvalSection = field(default_factory=EvalSection)
@@ -270,7 +305,11 @@ class Config:
         return dataclasses.asdict(self)
 
     def to_toml(self) -> str:
-        return tomli_w.dumps({sec: {_key(k): v for k, v in body.items()} for sec, body in self.to_dict().items()})
+        """The resolved config; a topology file's keys are in [topology] already, so its path is
+        left out (the run directory's config.toml loads without the file)."""
+        d = self.to_dict()
+        d["topology"]["file"] = ""
+        return tomli_w.dumps({sec: {_key(k): v for k, v in body.items()} for sec, body in d.items()})
 
 
 def _suggest(name: str, options) -> str:
@@ -296,7 +335,7 @@ def _field_spec(section: str, key: str) -> dataclasses.Field:
 
 def _type_name(t) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
-            dict: "a table of source = weight"}[t]
+            dict: "a table, e.g. { a = 1 }"}[t]
 
 
 def _coerce(section: str, key: str, value: Any) -> Any:
@@ -367,6 +406,15 @@ def build_config(raw: dict, overrides: list[tuple[str, str, Any]] = ()) -> Confi
         raise ConfigError(f"model.preset = {preset!r} is not a preset{_suggest(preset, MODEL_PRESETS)}")
     for key, value in MODEL_PRESETS[preset].items():
         setattr(cfg.model, key, value)
+    file = flat.get(("topology", "file"))
+    if file:  # a topology file fills the [topology] fields not set explicitly
+        from .topology import read_topology_file
+
+        for key, value in read_topology_file(file).items():
+            try:
+                flat.setdefault(("topology", key), _coerce("topology", key, value))
+            except ConfigError as e:
+                raise ConfigError(f"topology file {file}: {e}") from None
     for (section, key), value in flat.items():
         setattr(getattr(cfg, section), _field_spec(section, key).name, value)
     if cfg.model.init_from:
@@ -450,9 +498,39 @@ def load_runs(path: str | Path | None, overrides: list[str], runs_file: str | No
     return [load_config(path, list(overrides) + r) for r in runs]
 
 
+def resolve_dtypes(t: TrainSection, device_type: str) -> tuple[str, str, str]:
+    """(compute, param, reduce) dtypes of a run on `device_type` ("cpu" or "cuda"), as
+    names: an "auto" train.dtype follows an explicit train.param_dtype and an "auto"
+    param_dtype the compute dtype, else the device decides (fp32 on CPU, bf16 on GPU);
+    reduce "auto" is fp32. The defaults give bf16 parameters with fp32 reductions on GPU
+    and fp32 everywhere on CPU."""
+    compute = t.dtype if t.dtype != "auto" else t.param_dtype if t.param_dtype != "auto" else (
+        "bf16" if device_type == "cuda" else "fp32")
+    param = t.param_dtype if t.param_dtype != "auto" else compute
+    return compute, param, t.reduce_dtype if t.reduce_dtype != "auto" else "fp32"
+
+
 def _validate(cfg: Config) -> None:
     """Checks across fields that hold whatever the world size."""
     m, t = cfg.model, cfg.train
+    if t.dtype == "fp32" and t.param_dtype == "bf16":
+        raise ConfigError("train.param_dtype = 'bf16' with train.dtype = 'fp32': FSDP2 computes with the parameters "
+                          "it gathers, so the compute would be bf16; set train.dtype = 'bf16' (or 'auto'), or "
+                          "train.param_dtype = 'fp32'")
+    if t.compile and m.moe_experts:
+        raise ConfigError(f"train.compile = true with model.moe_experts = {m.moe_experts}: routing tokens to experts "
+                          "has data-dependent shapes (tokens per expert), which would recompile the block every "
+                          "step; set train.compile = false for MoE models")
+    if t.compile and cfg.metrics.noise_scale:
+        raise ConfigError("metrics.noise_scale = true with train.compile = true: the noise scale reads each "
+                          "micro-batch's gradients through hooks it adds at forward time, which a compiled block "
+                          "cannot trace; set train.compile = false to measure the noise scale, or "
+                          "metrics.noise_scale = false")
+    if t.compile and cfg.kernels.backend == "triton":
+        raise ConfigError("train.compile = true with kernels.backend = 'triton': compiled blocks trace the torch "
+                          "implementations of the ops (the compiler generates its own fused kernels), the "
+                          "hand-written Triton kernels are not traced; set kernels.backend = 'auto' (Triton for the "
+                          "head and loss outside the blocks) or train.compile = false")
     if m.dim % m.n_heads:
         raise ConfigError(f"model.dim = {m.dim} is not divisible by model.n_heads = {m.n_heads}; "
                           "choose n_heads dividing dim")
@@ -474,6 +552,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"train.warmup = {t.warmup} plus the wsd decay (train.decay_ratio = {t.decay_ratio:g} of "
                           f"{t.steps} steps = {round(t.decay_ratio * t.steps)}) exceed train.steps = {t.steps}; "
                           "lower train.warmup or train.decay_ratio")
+    if cfg.topology.links:
+        from .topology import check_links
+
+        check_links(cfg.topology.links)
     if cfg.parallel.dp_shard == 0:
         raise ConfigError("parallel.dp_shard = 0: use a positive degree or -1 for every rank the others leave")
     r = cfg.checkpoint.resume

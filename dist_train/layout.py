@@ -15,7 +15,8 @@ from dist_train.data.sources import source_vocab_size
 from dist_train.parallel.dims import MeshError, ParallelDims
 from dist_train.parallel.pipeline import plan_stages
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, resolve_dtypes
+from .topology import build_topology, topology_given
 
 
 class TensorParallelError(MeshError):
@@ -43,20 +44,28 @@ def is_pipelined(cfg: Config, dims: ParallelDims) -> bool:
     return dims.pp > 1 or cfg.parallel.pp_schedule == "layered"
 
 
-def preflight(cfgs: list[Config], nproc: int, nodes: int = 1, *,
-              shard_dirs: list[Path | str] | None = None) -> LaunchPlan:
-    """Check every run of a launch on `nproc` ranks over `nodes` nodes. Without
+def preflight(cfgs: list[Config], nproc: int, nodes: int | None = 1, *,
+              shard_dirs: list[Path | str] | None = None, device: str | None = None) -> LaunchPlan:
+    """Check every run of a launch on `nproc` ranks over `nodes` nodes (None: not known
+    yet, as under Ray before it places the ranks; every rank checks again). Without
     `shard_dirs` each run's data source is prepared here (once; later calls find it
-    ready), so its vocabulary can be checked against the layout too."""
+    ready), so its vocabulary can be checked against the layout too. `device`: a rank's
+    own device type ("cpu", "cuda"), for the dtype check that needs the device itself
+    (`check_device_dtypes`); launchers pass none (they do not touch the GPU: a CUDA
+    context in the launcher would hold memory for the whole run)."""
     if nproc < 1:
         raise ConfigError(f"--nproc {nproc}: must be at least 1")
-    if nodes < 1 or nproc % nodes:
+    if nodes is not None and (nodes < 1 or nproc % nodes):
         raise ConfigError(f"--nodes {nodes}: must divide --nproc {nproc} (each node gets the same number of ranks)")
     runs = []
     for i, cfg in enumerate(cfgs):
+        if nodes is not None and topology_given(cfg.topology):
+            build_topology(cfg.topology, nproc, nodes)  # the topology must match the launch
         shard_dir = Path(shard_dirs[i]) if shard_dirs else _prepare(cfg)
         vocab = source_vocab_size(shard_dir, cfg.data.tokenizer) if shard_dir else None
-        runs.append(RunPlan(cfg, check_layout(cfg, nproc, nproc // nodes, vocab), shard_dir))
+        runs.append(RunPlan(cfg, check_layout(cfg, nproc, nproc // nodes if nodes else None, vocab), shard_dir))
+        if device is not None:
+            check_device_dtypes(cfg, device)
         check_run_dir(cfg)
         check_extras(cfg)
     c4, sigstops = _launcher_faults(cfgs, nproc)
@@ -101,6 +110,32 @@ def check_layout(cfg: Config, world_size: int, local_world_size: int | None = No
             f"set train.global_batch to a multiple of {split}")
     _check_pipeline(cfg, dims, t.global_batch // split)
     return dims
+
+
+def check_device_dtypes(cfg: Config, device: str, capability: tuple[int, int] | None = None,
+                        name: str | None = None) -> None:
+    """Refuse a dtype the device cannot compute in, naming the field that asked for it.
+    bf16 compute needs a GPU of compute capability 8.0 (Ampere) or newer; `capability` and
+    `name` default to this process's current GPU (each rank checks its own at start,
+    before the mesh is built). On the CPU every offered dtype runs:
+    bf16 kernels, and gloo gathers and reduces bf16 (measured with torch 2.13)."""
+    if device != "cuda":
+        return
+    compute, param, _ = resolve_dtypes(cfg.train, device)
+    if compute != "bf16":
+        return
+    if capability is None:
+        import torch
+
+        capability, name = torch.cuda.get_device_capability(), torch.cuda.get_device_name()
+    if tuple(capability) >= (8, 0):
+        return
+    t = cfg.train
+    field = ("train.dtype = 'bf16'" if t.dtype == "bf16" else "train.param_dtype = 'bf16'" if t.param_dtype == "bf16"
+             else "train.dtype = 'auto' (bf16 on a GPU)")
+    fix = "set train.dtype = 'fp32'" + (" and train.param_dtype = 'fp32'" if t.param_dtype == "bf16" else "")
+    raise ConfigError(f"{field}: {name or 'this GPU'} (compute capability {capability[0]}.{capability[1]}) has no "
+                      f"bf16 arithmetic (it needs compute capability 8.0, Ampere, or newer); {fix}")
 
 
 def check_run_dir(cfg: Config) -> None:

@@ -51,6 +51,13 @@ class StepStats:
             for f in GROUP_FIELDS:
                 self.add(f"comm_by_dim.{name}.{f}", groups.get(name, {}).get(f, 0))
 
+    def add_links(self, links: dict, classes) -> None:
+        """The step's collectives per link class and kind: (count, bytes), every class listed."""
+        for c in classes:
+            for kind in COMM_KINDS:
+                for f in COMM_FIELDS:
+                    self.add(f"comm_by_link.{c}.{kind}.{f}", links.get(c, {}).get(kind, {}).get(f, 0))
+
     def gather(self, background) -> "PendingStats":
         """Start the all-gather over the world; `background` is the recorder's context that
         keeps it out of the step's counts and out of C4's stuck ops until it is waited."""
@@ -115,6 +122,16 @@ class GatheredStats:
         return {name: c for name, c in out.items() if c["count"]}
 
 
+    def comm_by_link(self) -> dict | None:
+        """The `comm_by_link` record: per link class, per kind {count, bytes} summed over
+        ranks (None without a topology)."""
+        classes = list(dict.fromkeys(n.split(".")[1] for n in self._where if n.startswith("comm_by_link.")))
+        if not classes:
+            return None
+        return {c: {k: {f: self.total(f"comm_by_link.{c}.{k}.{f}") for f in COMM_FIELDS} for k in COMM_KINDS}
+                for c in classes}
+
+
 class MetricsLog:
     """The trainer's per-step metrics: `submit` a step's stats (their gather starts, the
     previous step's is finished and written), `flush` before a checkpoint. A context:
@@ -155,7 +172,8 @@ class MetricsLog:
         self._pending = None
         self.last = stats.wait()
         record = self.build_record(step, self.last, local)
-        if self.writer is not None and (step % self.log_every == 0 or step == self.last_step):
+        # a run's first record with its compile time (train.compile) is written whatever log_every
+        if self.writer is not None and (step % self.log_every == 0 or step == self.last_step or "compile_s" in record):
             self.writer.write(record)
         if self.progress is not None:
             self.progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")

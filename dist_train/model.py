@@ -208,9 +208,9 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, docs=None):
         if self.checkpoint != "none" and torch.is_grad_enabled():
-            context = _keep_matmuls if self.checkpoint == "selective" else torch.utils.checkpoint.noop_context_fn
-            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, docs, use_reentrant=False,
-                                                     context_fn=context)
+            # full: checkpoint's default context (torch.compile cannot trace one passed in)
+            extra = {"context_fn": _keep_matmuls} if self.checkpoint == "selective" else {}
+            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, docs, use_reentrant=False, **extra)
         return self._forward(x, cos, sin, docs)
 
     def _forward(self, x, cos, sin, docs=None):

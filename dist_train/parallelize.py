@@ -45,7 +45,12 @@ class Parallelized:
 
 
 def parallelize(args: ModelArgs, cfg: Config, dims: ParallelDims, mesh, device: torch.device,
-                param_dtype, n_micro: int) -> Parallelized:
+                param_dtype, n_micro: int, reduce_dtype=torch.float32) -> Parallelized:
+    """This rank's part of the model, parallelised in TorchTitan's order: pipeline split,
+    tensor parallel, experts, activation checkpointing (a block attribute), torch.compile
+    per block, FSDP (the experts' units, then blocks and root); then materialised and
+    initialised. `param_dtype` / `reduce_dtype` are FSDP2's MixedPrecisionPolicy (None:
+    parameters gathered as they are, fp32)."""
     with torch.device("meta"):
         model = Transformer(args)
     schedule_name = cfg.parallel.pp_schedule
@@ -72,12 +77,15 @@ def parallelize(args: ModelArgs, cfg: Config, dims: ParallelDims, mesh, device: 
             apply_tp(part, mesh["tp"])
         if topo is not None:
             apply_ep(part, ep_mesh, topo)
+        if cfg.train.compile:
+            apply_compile(part, cfg.train.compile_backend)
         if moe_sharded:
             for moe in moe_layers(part):
                 fully_shard_experts(moe.experts, edp_mesh, dims.dp_size, param_dtype=param_dtype,
+                                    reduce_dtype=reduce_dtype,
                                     reshard_after_forward=not (pipelined and schedule_name == "layered"))
         if dp_mesh is not None:
-            _shard(part, dp_mesh, pipelined, schedule_name, param_dtype)
+            _shard(part, dp_mesh, pipelined, schedule_name, param_dtype, reduce_dtype)
         part.to_empty(device=device)
     view = LocalModel(parts) if pipelined else model
     init_weights(view, cfg.run.seed, args)
@@ -209,6 +217,34 @@ def apply_tp(model: Transformer, tp_mesh) -> Transformer:
     return model
 
 
+# ----------------------------------------------------------------------------- torch.compile
+
+
+def apply_compile(model: nn.Module, backend: str) -> nn.Module:
+    """torch.compile each block's forward (TorchTitan compiles per block, not the model):
+    after tensor parallelism, so the DTensor ops are traced, and before FSDP, whose
+    gather and reduce hooks run around the compiled forward, in eager code. The block
+    stays the same module (its forward is the compiled one), so parameter names, the
+    FSDP units and pipeline stages are unchanged. The blocks share one code object, so
+    one graph serves every block of the same shape; a recompile past torch's limit is an
+    error, not a silent fall-back to eager. fullgraph: a graph break is an error too.
+
+    A block input that is a view gets a copy first: under tp the first block's input is
+    the embedding's `to_local()`, a view of a DTensor's local tensor, and torch 2.13's
+    compiled autograd sends that view's gradient to the DTensor's eager backward as a
+    plain tensor ("'Tensor' object has no attribute '_local_tensor'"); a copy is a fresh
+    input (the values are the same; one activation copied per step and micro-batch)."""
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    for block in model.layers.values():
+        compiled = torch.compile(block.forward, backend=backend, fullgraph=True)
+
+        def forward(x, cos, sin, docs=None, compiled=compiled):
+            return compiled(x.clone() if x._base is not None else x, cos, sin, docs)
+
+        block.forward = forward
+    return model
+
+
 # ----------------------------------------------------------------------------- experts and FSDP
 
 
@@ -221,7 +257,7 @@ def apply_ep(model: nn.Module, ep_mesh, topo: Topology) -> nn.Module:
     return model
 
 
-def _shard(part: nn.Module, dp_mesh, pipelined: bool, schedule: str, param_dtype) -> None:
+def _shard(part: nn.Module, dp_mesh, pipelined: bool, schedule: str, param_dtype, reduce_dtype) -> None:
     """FSDP units of one model or stage.
 
     Not pipelined, or gpipe/1f1b/interleaved stages: every block is a unit, gathered for
@@ -236,7 +272,8 @@ def _shard(part: nn.Module, dp_mesh, pipelined: bool, schedule: str, param_dtype
     """
     head = [part.output] if pipelined and part.output is not None else []
     if schedule == "layered" and pipelined:
-        apply_fsdp(part, head, dp_mesh, param_dtype=param_dtype, reshard_after_forward=False)
+        apply_fsdp(part, head, dp_mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                   reshard_after_forward=False)
     else:
         apply_fsdp(part, list(part.layers.values()) + head, dp_mesh, param_dtype=param_dtype,
-                   root_reshard_after_forward=False)
+                   reduce_dtype=reduce_dtype, root_reshard_after_forward=False)

@@ -35,7 +35,7 @@ from dist_train.parallel.tensor_parallel import reduce_partial_grads
 from . import moe
 from .c4 import start_monitor
 from .checkpoint import Checkpointer
-from .config import Config, ConfigError
+from .config import Config, ConfigError, resolve_dtypes
 from .distributed import RankEnv, init_distributed, pick_device
 from .failures import PeerLost, peer_lost
 from .layout import preflight
@@ -45,6 +45,7 @@ from .model import ModelArgs, count_params, flops_per_token
 from .noise_scale import MicroBatchSquares, NoiseScale
 from .parallelize import diloco_fragments, parallelize
 from .schedules import lr_factor
+from .topology import LINK_CLASSES, build_topology, describe, place, simulate_wanted, topology_given, write_placement
 
 # mesh groups whose traffic metrics report by name (`comm_by_dim`); others count as "other"
 COMM_GROUPS = MESH_DIMS + ("ep", "edp", "batch", "replica", "world", "other")
@@ -60,10 +61,12 @@ def write_resolved_config(cfg: Config, start_step: int) -> None:
     path.write_text(text)
 
 
-def compute_dtype(cfg: Config, device: torch.device) -> torch.dtype:
-    if cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return torch.float32
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def run_dtypes(cfg: Config, device: torch.device) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+    """(compute, param, reduce) dtypes of this run on `device` (config.resolve_dtypes)."""
+    return tuple(DTYPES[d] for d in resolve_dtypes(cfg.train, device.type))
 
 
 def lr_lambda(cfg: Config):
@@ -100,8 +103,11 @@ class Trainer:
         self.run_dir = cfg.run_dir
         sources = self._prepare_data()  # [(name, resolved)]: data.source, or every source of data.mix
         nodes = self.env.world_size // self.env.local_world_size
-        self.dims = preflight([cfg], self.env.world_size, nodes, shard_dirs=[sources[0][1]]).runs[0].dims
-        self.mesh, self.batch_mesh = self.dims.build_mesh(self.device.type)
+        self.dims = preflight([cfg], self.env.world_size, nodes, shard_dirs=[sources[0][1]],
+                              device=self.device.type).runs[0].dims
+        self._place(nodes)
+        self.mesh, self.batch_mesh = self.dims.build_mesh(
+            self.device.type, None if self.placement.identity else self.placement.tensor())
         name_mesh_groups(self.mesh)
         kernels.set_default_backend(cfg.kernels.backend)
         datasets = [TokenDataset(d, cfg.data.seq_len, tokenizer=cfg.data.tokenizer) for _, d in sources]
@@ -130,6 +136,42 @@ class Trainer:
             print(msg, flush=True)
 
     # ---- setup --------------------------------------------------------------------------
+    def _place(self, nodes: int) -> None:
+        """The topology (if any) and the rank placement (dist_train/topology.py): printed and
+        written to placement.json; with a topology every op is counted by link class, and
+        under `dist-train local` the slow classes are simulated."""
+        from dist_train.fault.inject import LinkModel
+
+        t = self.cfg.topology
+        self.topology = build_topology(t, self.env.world_size, nodes) if topology_given(t) else None
+        self.placement = place(self.cfg.parallel.placement, self.dims.shape, self.topology, self.dims.ep)
+        rec = self.recorder
+        rec.hooks[:] = [h for h in rec.hooks if not isinstance(getattr(h, "__self__", None), LinkModel)]
+        rec.link_of = None
+        if self.topology is None:
+            return
+        cache: dict = {}
+        topo = self.topology
+
+        def link_of(ranks: tuple) -> str:
+            c = cache.get(ranks)
+            if c is None:
+                c = cache[ranks] = topo.group_link(ranks)
+            return c
+
+        rec.link_of = link_of
+        links = topo.simulated_links()
+        if links and simulate_wanted(t):
+            rec.hooks.append(LinkModel(link_of, links).hook)
+        if self.rank == 0:
+            for line in describe(self.placement, topo):
+                print(line, flush=True)
+            if links and simulate_wanted(t):
+                print("topology: simulating " + ", ".join(
+                    f"{c} ({lat * 1e3:g} ms, {bps * 8 / 1e9:g} Gbit/s)" if bps else f"{c} ({lat * 1e3:g} ms)"
+                    for c, (lat, bps) in links.items()), flush=True)
+            write_placement(self.run_dir, self.placement, topo)
+
     def _prepare_data(self) -> list[tuple[str, str]]:
         """One rank prepares the sources (the bundled corpus, file globs) if needed; the others
         wait, then read."""
@@ -141,12 +183,14 @@ class Trainer:
     def _setup_model(self) -> None:
         cfg = self.cfg
         self.args = ModelArgs.from_config(cfg.model, cfg.data.seq_len, self.dataset.vocab_size)
-        self.dtype = compute_dtype(cfg, self.device)
+        self.dtype, param_dtype, reduce_dtype = run_dtypes(cfg, self.device)
         self.flops_per_token = flops_per_token(self.args, cfg.data.seq_len)
         self.peak_flops = peak_flops(device_name(self.device), self.dtype)  # None (MFU n/a) off the table
+        if cfg.train.compile:  # each run of a sweep compiles afresh (its compile_s is its own)
+            torch._dynamo.reset()
         self.par = parallelize(self.args, cfg, self.dims, self.mesh, self.device,
-                               param_dtype=self.dtype if self.dtype != torch.float32 else None,
-                               n_micro=self.sampler.num_micro_batches)
+                               param_dtype=param_dtype if param_dtype != torch.float32 else None,
+                               reduce_dtype=reduce_dtype, n_micro=self.sampler.num_micro_batches)
         self.model = self.par.view
         if cfg.model.init_from:  # pretrained weights over the seeded init, into this layout's shards
             from .interop.hf_import import load_hf_weights
@@ -159,9 +203,11 @@ class Trainer:
                                pipelined=pipelined)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
         self.noise, self.grad_squares = self._setup_noise_scale(pipelined) if cfg.metrics.noise_scale else (None, None)
-        # A one-rank job has no FSDP to cast for it: autocast gives it the same mixed precision.
-        self.autocast = (torch.autocast(self.device.type, dtype=self.dtype)
-                         if self.dtype != torch.float32 and not self.dims.fsdp_enabled else nullcontext())
+        # Forward runs in the dtype of the parameters it sees: FSDP2's gathered ones (param_dtype),
+        # or without FSDP the fp32 weights themselves. Where that is not the compute dtype
+        # (a one-rank or tp-only job in bf16; fp32 gathers under bf16 compute), autocast casts.
+        seen = param_dtype if self.dims.fsdp_enabled else torch.float32
+        self.autocast = torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != seen else nullcontext()
 
     def _setup_noise_scale(self, pipelined: bool):
         """The gradient noise scale (dist_train/noise_scale.py): hooks summing each micro-batch's
@@ -354,6 +400,26 @@ class Trainer:
         every = self.cfg.checkpoint.every
         return bool(every) and (step % every == 0 or step == self.cfg.train.steps)
 
+    def _compile(self) -> float:
+        """train.compile: compile the blocks before the first step, so that step's
+        step_time_s is a step's. One forward and backward of this rank's micro-batches of
+        a dummy batch (token 0 everywhere, the shapes of training's), its gradients then
+        dropped: no data drawn, no optimizer step, its collectives no step's. Returns the
+        seconds it took on this rank (all of a step's work with it, and the wait in its
+        collectives for ranks still compiling): the first record's compile_s."""
+        t0 = time.perf_counter()
+        zeros = torch.zeros(self.cfg.train.micro_batch, self.cfg.data.seq_len, dtype=torch.long)
+        micro_batches = [(zeros, zeros)] * self.sampler.num_micro_batches
+        with self.recorder.paused():
+            (self._pipeline_step if self.par.schedule is not None else self._accumulate)(micro_batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        self.log(f"torch.compile ({self.cfg.train.compile_backend}): blocks compiled in {seconds:.1f} s before the "
+                 "first step (the first record's compile_s, not in its step_time_s)")
+        return seconds
+
     # ---- one step -----------------------------------------------------------------------
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over this rank's micro-batches; returns (local mean loss, grad norm).
@@ -429,6 +495,9 @@ class Trainer:
             for f, v in c.items():
                 into[f] += v
         stats.add_comm(self.recorder.step_summary(reset=True), groups, COMM_GROUPS)
+        links = self.recorder.link_summary(reset=True)
+        if self.topology is not None:
+            stats.add_links(links, LINK_CLASSES)
         if self.args.moe_experts:
             topo = self.par.ep_topology
             moe.add_stats(stats, self.par.parts, self.args.moe_layer_ids(), self.args.moe_experts,
@@ -462,6 +531,8 @@ class Trainer:
             "comm": g.comm(),
             "comm_by_dim": g.comm_by_dim(),
         }
+        if self.topology is not None:  # per link class (dist_train/topology.py), by kind
+            record["comm_by_link"] = g.comm_by_link()
         if local["source_counts"] is not None:  # data.mix: tokens so far per source (like "tokens")
             record["tokens_by_source"] = {name: n * self.cfg.data.seq_len
                                           for name, n in zip(self.source_names, local["source_counts"])}
@@ -478,7 +549,8 @@ class Trainer:
             if step == self.joined[0] + 1:
                 record["join_s"] = self.joined[1]  # waiting for the first quorum (and healing) before this step
             if local["outer"].applied:  # the same shard (rank modulo a replica's ranks) agrees in every replica
-                digests = g.column("diloco_digest").view(self.dims.diloco, -1)
+                # rows by rank; in mesh order (diloco outermost) whatever the placement
+                digests = g.column("diloco_digest")[self.placement.tensor().flatten().long()].view(self.dims.diloco, -1)
                 record["replicas_agree"] = bool((digests == digests[0]).all())
                 record["outer_digest"] = [int(x) for x in digests[0].tolist()]  # this replica's, per rank
         if self.args.moe_experts:
@@ -489,6 +561,8 @@ class Trainer:
             record["data_verify_s"] = float(done.max()) if bool((done >= 0).all()) else None
         if local["c4_findings"] is not None:
             record["c4_findings"] = local["c4_findings"]
+        if local.get("compile_s") is not None:  # train.compile: seconds before this run's first step
+            record["compile_s"] = local["compile_s"]
         return record
 
     def _noise_record(self, g: GatheredStats) -> dict:
@@ -593,11 +667,20 @@ class Trainer:
             nodes = self.env.world_size // self.env.local_world_size
             self.log(f"dist-train: {self.dims.describe()}, {self.env.world_size} rank(s) on {nodes} node(s) "
                      f"({self.device.type}), "
-                     f"{count_params(self.args)['total'] / 1e6:.2f}M parameters, steps {start}..{cfg.train.steps}")
+                     f"{count_params(self.args)['total'] / 1e6:.2f}M parameters, steps {start}..{cfg.train.steps}, "
+                     f"{self._precision()}")
         return MetricsLog(self.build_record, writer, progress, cfg.metrics.log_every, cfg.train.steps)
+
+    def _precision(self) -> str:
+        """The start line's dtypes: the compute's (autocast where it casts), FSDP's gathers and reductions."""
+        compute, param, reduce = resolve_dtypes(self.cfg.train, self.device.type)
+        cast = "" if isinstance(self.autocast, nullcontext) else " (autocast)"
+        fsdp = f", FSDP gathers {param}, reduces {reduce}" if self.dims.fsdp_enabled else ""
+        return f"compute in {compute}{cast}{fsdp}"
 
     # ---- the loop -----------------------------------------------------------------------
     def fit(self) -> Path:
+        compile_s = self._compile() if self.cfg.train.compile else None
         start = self.resume()
         self.healed, self.joined = None, (start, 0.0)
         if self.cfg.elastic.lighthouse:
@@ -625,7 +708,8 @@ class Trainer:
                                lr=self.scheduler.get_last_lr()[0], grad_norm=float(grad_norm),
                                c4_findings=c4.findings_count, outer=outer, outer_s=t_outer, time=time.time(),
                                healed=self.healed if step == start + 1 else None,
-                               source_counts=self.sampler.source_counts() if self.source_names else None)
+                               source_counts=self.sampler.source_counts() if self.source_names else None,
+                               compile_s=compile_s if step == start + 1 else None)
                 self.finish_save(c4, metrics.last)
                 self._check_quorum_timeout(outer, step_time)
                 c4.step_end(step, time.perf_counter() - t0)

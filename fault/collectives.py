@@ -160,6 +160,7 @@ class _ObservedWork(dist.Work):
         inner, st, rec = self._w
         if not rec.t_wait:
             rec.t_wait = _now()
+        arrived = rec.link_s and not rec.t_exit and inner.is_completed()
         try:
             ok = inner.wait() if timeout is None else inner.wait(timeout)
         except BaseException as e:
@@ -167,6 +168,11 @@ class _ObservedWork(dist.Work):
             raise
         if rec.hold_s and not rec.t_exit:  # injected slow transfer (fault hook)
             time.sleep(rec.hold_s)
+        if rec.link_s and not rec.t_exit:  # a simulated slow link (the topology's link model):
+            # done before the wait, it ends link_s after it was entered; else link_s after it completes
+            left = rec.link_s - (_now() - rec.t_enter) / 1e9 if arrived else rec.link_s
+            if left > 0:
+                time.sleep(left)
         st.end(rec)
         return ok
 

@@ -280,3 +280,36 @@ class FaultInjector:
         if sleep:
             time.sleep(sleep)
         self._last_issue = time.monotonic()
+
+
+class LinkModel:
+    """The slow_link fault for a whole link class: a recorder hook giving every op whose
+    group (or p2p pair) crosses a slowed class the time that link would take, under the ring
+    algorithms (recorder.py): one latency per ring step (all_reduce 2(n - 1), all_gather,
+    reduce_scatter, all_to_all and the rest n - 1, send/recv 1) plus the bytes this rank
+    puts on the wire (a recv: the bytes it receives) over the bandwidth. A collective is as
+    slow as its slowest link. The observed work holds the op until then (collectives.py:
+    `link_s` after it completes when its caller waited for it, else from when it was
+    entered, so an op overlapped with compute hides as it would on the real link).
+    `link_of(ranks)` names the class; `links`: class -> (latency s, bytes/s or None)."""
+
+    def __init__(self, link_of: Callable[[tuple], str], links: dict):
+        self.link_of, self.links = link_of, dict(links)
+
+    def seconds(self, rec: CollectiveRecord) -> float:
+        spec = self.links.get(self.link_of(rec.peers))
+        if spec is None or rec.kind == "barrier" and len(rec.peers) < 2:
+            return 0.0
+        from .recorder import wire_bytes
+
+        latency, bps = spec
+        n = len(rec.peers)
+        if rec.kind == "send_recv":
+            steps, wire = 1, rec.nbytes
+        else:
+            steps = 2 * (n - 1) if rec.kind == "all_reduce" else n - 1
+            wire = wire_bytes(rec.kind, rec.op, rec.nbytes, n)
+        return steps * latency + (wire / bps if bps else 0.0)
+
+    def hook(self, rec: CollectiveRecord) -> None:
+        rec.link_s = self.seconds(rec)

@@ -68,7 +68,7 @@ class CollectiveRecord:
     """
 
     __slots__ = ("group", "op", "kind", "seq", "nbytes", "peers",
-                 "t_enter", "t_wait", "t_exit", "counted", "error", "hold_s", "background")
+                 "t_enter", "t_wait", "t_exit", "counted", "error", "hold_s", "link_s", "background")
 
     def __init__(self, group, op, kind, seq, nbytes, peers, counted, background=False):
         self.group = group
@@ -83,6 +83,7 @@ class CollectiveRecord:
         self.counted = counted
         self.error = None
         self.hold_s = 0.0  # set by a fault hook: extra seconds inside the op (a slow link)
+        self.link_s = 0.0  # set by the topology's link model: the op takes this long over its slowest link
         self.background = background
 
     def as_dict(self) -> dict:
@@ -175,6 +176,9 @@ class CollectiveRecorder:
         self._ring: collections.deque = collections.deque(maxlen=capacity)
         self._totals = {k: [0, 0] for k in KINDS}
         self._by_group: dict[str, list[int]] = {}  # group name -> [count, bytes, wire bytes]
+        # ranks (a group's, or (src, dst) of a p2p op) -> link class, when a topology is known
+        self.link_of: Callable[[tuple], str] | None = None
+        self._by_link: dict[str, dict[str, list[int]]] = {}  # link class -> kind -> [count, bytes]
         self._paused = 0
         self._background = 0
         self._max_pending = max_pending
@@ -209,6 +213,15 @@ class CollectiveRecorder:
             g[0] += 1
             g[1] += nbytes
             g[2] += wire if wire is not None else wire_bytes(kind, op, nbytes, len(st.ranks))
+            if self.link_of is not None:
+                by = self._by_link.get(cls := self.link_of(peers))
+                if by is None:
+                    by = self._by_link[cls] = {}
+                k = by.get(kind)
+                if k is None:
+                    k = by[kind] = [0, 0]
+                k[0] += 1
+                k[1] += nbytes
         pending = st.pending
         if len(pending) >= self._max_pending:
             del pending[next(iter(pending))]
@@ -248,6 +261,7 @@ class CollectiveRecorder:
         """Forget the counts so far (start-up collectives are no step's)."""
         self.step_summary(reset=True)
         self.group_summary(reset=True)
+        self.link_summary(reset=True)
 
     def group_summary(self, reset: bool = True) -> dict:
         """Per group name (a mesh dim, "world", ...) {count, bytes, wire_bytes} since the
@@ -255,6 +269,14 @@ class CollectiveRecorder:
         out = {name: {"count": n, "bytes": b, "wire_bytes": w} for name, (n, b, w) in self._by_group.items()}
         if reset:
             self._by_group = {}
+        return out
+
+    def link_summary(self, reset: bool = True) -> dict:
+        """Per link class, per kind {count, bytes} since the last reset (with `link_of` set):
+        each op counted once, under the slowest class its group (or p2p pair) crosses."""
+        out = {c: {k: {"count": n, "bytes": b} for k, (n, b) in by.items()} for c, by in self._by_link.items()}
+        if reset:
+            self._by_link = {}
         return out
 
     def last_failure(self) -> tuple[GroupState, CollectiveRecord] | None:

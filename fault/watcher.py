@@ -159,6 +159,8 @@ class Watcher:
                "time": wall, "why": f.get("why"), "evidence": f.get("evidence")}
         if first is not None:
             out["pids"] = [states[r].pid for r in f["ranks"] if r in states]
+        if out["kind"] == "slow_link" and run:
+            out["link_class"] = link_class(run, out["ranks"])
         with self._lock:
             self.findings.append(out)
         if run:
@@ -172,7 +174,8 @@ class Watcher:
                 pass
         what = {"hang": "hang", "non_comm_hang": "non-communication hang", "slow_rank": "slow rank",
                 "slow_link": "slow link", "crash": "crash"}.get(out["kind"], out["kind"])
-        self.log(f"C4: {what}: rank(s) {out['ranks']} on {out['host']} (group {out['group']}, step {step}, "
+        cls = f", {out['link_class']} link" if out.get("link_class") else ""
+        self.log(f"C4: {what}: rank(s) {out['ranks']} on {out['host']} (group {out['group']}{cls}, step {step}, "
                  f"{out['since_onset_s']} s after onset): {out['why']}")
         return [out]
 
@@ -259,6 +262,18 @@ class Watcher:
             except Exception as e:  # the detector must never take the launcher down
                 self.log(f"C4: detector error (continuing): {type(e).__name__}: {e}")
             stop.wait(interval)
+
+
+def link_class(run_dir, ranks) -> str | None:
+    """The link class (intra_node, intra_cluster, inter_cluster) joining `ranks`, from the
+    run's placement.json (written when the run has a [topology]); None without one."""
+    try:
+        info = {r["rank"]: r for r in json.loads((Path(run_dir) / "placement.json").read_text())["ranks"]}
+        clusters = {info[r]["cluster"] for r in ranks}
+        nodes = {info[r]["node"] for r in ranks}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return "inter_cluster" if len(clusters) > 1 else "intra_cluster" if len(nodes) > 1 else "intra_node"
 
 
 def _advance(s: RankState, extra: float) -> None:

@@ -383,7 +383,9 @@ def _check_docs(q, k, doc_ids):
                          f"{tuple(q.shape)} and k {tuple(k.shape)}")
     if doc_ids.dtype.is_floating_point or doc_ids.dtype == torch.bool:
         raise ValueError(f"doc_ids must be an integer tensor, got {doc_ids.dtype}")
-    if doc_ids.device.type != "meta" and doc_ids.shape[1] > 1 and bool((doc_ids[:, 1:] < doc_ids[:, :-1]).any()):
+    # a value check (one sync), in eager code only: a compiled block cannot branch on values
+    if (doc_ids.device.type != "meta" and doc_ids.shape[1] > 1 and not torch.compiler.is_compiling()
+            and bool((doc_ids[:, 1:] < doc_ids[:, :-1]).any())):
         raise ValueError("doc_ids must be non-decreasing along the sequence (each document one contiguous run)")
 
 

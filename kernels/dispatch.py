@@ -3,7 +3,8 @@
 Each op module registers its implementations by backend name; `resolve` turns the
 caller's request (None = the configured default, from `[kernels] backend`) into the
 backend that will run. "auto" picks Triton on CUDA or under TRITON_INTERPRET=1 (the
-interpreter runs kernels on CPU tensors, used by the tests) and torch elsewhere.
+interpreter runs kernels on CPU tensors, used by the tests) and torch elsewhere, and
+torch inside a region torch.compile traces (a compiled block).
 Asking for "triton" where it cannot run is an error, never a silent fallback.
 
 TRITON_INTERPRET is read when an op is called (here) and when its kernel is launched
@@ -111,6 +112,15 @@ def resolve(backend: str | None, device_type: str, implemented: tuple[str, ...])
         if "triton" not in implemented:
             raise KernelBackendError("this op has no Triton kernel yet; use backend='torch'")
         return "triton"
-    if "triton" in implemented and triton_runnable(device_type):
+    if "triton" in implemented and not _compiling() and triton_runnable(device_type):
         return "triton"
     return "torch"
+
+
+def _compiling() -> bool:
+    """Inside a region torch.compile traces (`train.compile`): "auto" takes the torch
+    implementation there, which the compiler fuses into kernels of its own; the Triton
+    kernels run in eager code."""
+    import torch
+
+    return torch.compiler.is_compiling()

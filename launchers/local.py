@@ -41,6 +41,7 @@ from torch.distributed.elastic.rendezvous import registry as rdzv_registry
 from dist_train.errors import UserError
 from dist_train.fault.wire import DETECTOR_ENV, STORE_ENV
 from dist_train.layout import LaunchPlan
+from dist_train.topology import SIMULATED_ENV
 
 
 def free_port() -> int:
@@ -73,6 +74,7 @@ class LocalJob:
         """Run the job to its end; returns the C4 findings. A failed job raises UserError
         (naming C4's culprit when C4 stopped it)."""
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.nproc)))
+        os.environ[SIMULATED_ENV] = "1"  # the ranks' nodes are simulated: [topology] links are slowed down to
         with self._detector():
             try:
                 self._launch()

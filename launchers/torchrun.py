@@ -90,7 +90,8 @@ def _preflight(ns, nproc: int, nodes: int) -> None:
     from dist_train.config import load_runs
     from dist_train.layout import preflight
 
-    preflight(load_runs(ns.config, ns.overrides, ns.runs), nproc, nodes)
+    overrides = list(ns.overrides) + ([f"topology.file={os.path.abspath(ns.topology)}"] if ns.topology else [])
+    preflight(load_runs(ns.config, overrides, ns.runs), nproc, nodes)
 
 
 def _run(torch_run, args) -> None:

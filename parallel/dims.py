@@ -74,12 +74,18 @@ class ParallelDims:
     def fsdp_enabled(self) -> bool:
         return self.dp_size > 1
 
-    def build_mesh(self, device_type: str):
+    def build_mesh(self, device_type: str, ranks=None):
         """One DeviceMesh over all ranks with named dims, and the flattened "batch" mesh
-        (diloco x dp_replicate x dp_shard) the data is split over: returns (mesh, batch_mesh)."""
-        from torch.distributed.device_mesh import init_device_mesh
+        (diloco x dp_replicate x dp_shard) the data is split over: returns (mesh, batch_mesh).
+        `ranks` (an int tensor of `shape`, from a placement) says which rank holds each
+        coordinate; None = row-major by rank. torch builds every group with its ranks sorted,
+        so ranks must increase along each dim (dist_train/topology.py checks it)."""
+        from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-        mesh = init_device_mesh(device_type, self.shape, mesh_dim_names=MESH_DIMS)
+        if ranks is None:
+            mesh = init_device_mesh(device_type, self.shape, mesh_dim_names=MESH_DIMS)
+        else:
+            mesh = DeviceMesh(device_type, ranks, mesh_dim_names=MESH_DIMS)
         return mesh, mesh["diloco", "dp_replicate", "dp_shard"]._flatten("batch")
 
     def replica_mesh(self, mesh):

@@ -32,3 +32,18 @@ def test_interpreter_toggled_at_call_time(monkeypatch):
     torch.testing.assert_close(rms_norm(x, w, backend="auto"), rms_norm(x, w, backend="torch"))
     monkeypatch.delenv("TRITON_INTERPRET")
     assert not triton_runnable("cpu") and resolve("auto", "cpu", BOTH) == "torch"
+
+
+def test_auto_takes_torch_inside_a_compiled_region(monkeypatch):
+    """train.compile: inside a block torch.compile traces, "auto" resolves to the torch
+    implementation even where Triton could run; outside it, to Triton as before."""
+    from dist_train.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "triton_runnable", lambda device_type=None: True)
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def traced(x):
+        return x + (1.0 if dispatch.resolve("auto", "cuda", ("torch", "triton")) == "torch" else 2.0)
+
+    assert traced(torch.zeros(1)).item() == 1.0
+    assert dispatch.resolve("auto", "cuda", ("torch", "triton")) == "triton"
