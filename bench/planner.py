@@ -1,6 +1,9 @@
 """The layout planner (dist_train/planner.py) against real runs on this CPU machine.
 
-1. Device figures, measured once here and written to a topology file (OUT/cpu-topology.toml):
+1. Device figures, measured once here and written to two files the planner reads: the
+   topology (OUT/cpu-topology.toml, dist_train/topology.py's [topology] schema, the file
+   `dist-train local --topology` takes: 1 node, links.intra_node in Gbit/s and ms) and the
+   device (OUT/cpu-device.toml: [device] peak_tflops, memory_gb, baseline_gb, efficiency, overlap):
    - peak FLOP/s per rank: NPROC processes at once (one thread each, as the ranks run), each
      timing fp32 matmuls of 1024 x 1024 x 1024 (2 n^3 FLOPs each); the median process's rate;
    - the gloo loopback link: NPROC ranks all-reduce 1 float (latency = time / (2 (n - 1))
@@ -11,12 +14,14 @@
 2. Each layout as its own `dist-train local` launch (peak RSS is a process's lifetime
    maximum, so layouts cannot share a launch), a few steps; measured peak_memory_bytes (last
    record: max over ranks and steps) and median tokens_per_s over the steps after the first.
-3. The planner's prediction for each, with that topology; prints the table (markdown) and
+3. The planner's prediction for each, with those files; prints the table (markdown) and
    whether the fastest layout measured is the one predicted fastest.
 
 Run:  OMP_NUM_THREADS=1 .venv/bin/python bench/planner.py [--out /tmp/planner-bench] [--steps 4]
       --mmap-threshold 131072: the ranks' RSS without glibc's freed-heap slack (see docs/benchmarks.md)
-      --device-from OUT/cpu-topology.toml: reuse measured peak and link; --reverse: layouts in reverse order
+      --device-from OUT: reuse the peak (OUT/cpu-device.toml) and link (OUT/cpu-topology.toml) an
+      earlier run measured; --reverse: layouts in reverse order
+The launches themselves get no --topology (`dist-train local` would slow the ranks down to its links).
 """
 from __future__ import annotations
 
@@ -156,7 +161,7 @@ BASELINE_MODEL = {"model.dim": 8, "model.n_layers": 1, "model.n_heads": 2, "mode
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=None, help="folder for the runs and the topology file")
+    ap.add_argument("--out", default=None, help="folder for the runs, the topology file and the device file")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--only", nargs="*", help="layout names to run (default: all)")
     ap.add_argument("--mmap-threshold", type=int, default=0, metavar="BYTES",
@@ -165,9 +170,9 @@ def main() -> None:
                          "freed heap memory glibc keeps (default: glibc's dynamic threshold)")
     ap.add_argument("--reverse", action="store_true", help="run the layouts in reverse order (the load of a shared "
                                                                "machine drifts: a second run in the other order shows it)")
-    ap.add_argument("--device-from", metavar="TOPOLOGY",
-                    help="reuse the peak and link figures of an earlier run's cpu-topology.toml (the baseline "
-                         "is always measured again)")
+    ap.add_argument("--device-from", metavar="DIR",
+                    help="reuse the peak (DIR/cpu-device.toml) and link (DIR/cpu-topology.toml) figures of an "
+                         "earlier run's --out folder (the baseline is always measured again)")
     args = ap.parse_args()
     if args.mmap_threshold:
         ENV["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
@@ -175,41 +180,51 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
 
     from dist_train.config import load_config
-    from dist_train.planner import GB, Layout, estimate, load_topology, memory_per_rank
+    from dist_train.planner import GB, Layout, estimate, load_device, memory_per_rank, network
+
+    def planner_cfg(over: dict, topo_file: Path):
+        sets_ = [f"{k}={v}" for k, v in {**COMMON, **over}.items()] + [f"topology.file={topo_file}"]
+        return load_config(REPO / "configs/tiny.toml", sets_)
 
     if args.device_from:
-        old = load_topology(args.device_from, "cpu", NPROC)
-        peak, bw, lat = old.device.peak_flops, old.intra.bandwidth, old.intra.latency
+        src = Path(args.device_from)
+        old_dev = src / "cpu-device.toml"
+        old = network(planner_cfg(MODEL, src / "cpu-topology.toml"), NPROC, "cpu", device_file=old_dev)
+        peak, bw, lat = old.device.peak_flops, old.link("intra_node").bandwidth, old.link("intra_node").latency
     else:
         peak = measure_peak()
         bw, lat = measure_link()
     if args.mmap_threshold:
         print(f"ranks run with MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}", flush=True)
     print(f"peak per rank ({NPROC} processes at once, fp32 1024^3 matmul): {peak / 1e9:.2f} GFLOP/s", flush=True)
-    print(f"gloo loopback ({NPROC} ranks, all_reduce): {bw / 1e9:.3f} GB/s, {lat * 1e6:.1f} us per hop", flush=True)
+    print(f"gloo loopback ({NPROC} ranks, all_reduce): {bw * 8 / 1e9:.3f} Gbit/s ({bw / 1e9:.3f} GB/s), "
+          f"{lat * 1e3:.4f} ms per hop", flush=True)
     # baseline: a near-empty model's run, less the planner's count of it (with no baseline)
     base_over = {**BASELINE_MODEL, "parallel.dp_shard": NPROC}
     recs = launch(root, "baseline", base_over, 3)
     measured_base = recs[-1]["peak_memory_bytes"]
-    topo_path = root / "cpu-topology.toml"
+    topo_path, dev_path = root / "cpu-topology.toml", root / "cpu-device.toml"
+    # the gloo loopback as dist_train/topology.py's intra_node class: Gbit/s and ms
+    topo_path.write_text(
+        "# measured by bench/planner.py on this machine: NPROC ranks on one node, joined by gloo's loopback\n"
+        f"[topology]\nnodes = 1\nlinks = {{ intra_node = {{ bandwidth_gbps = {bw * 8 / 1e9:.4f}, "
+        f"latency_ms = {lat * 1e3:.5f} }} }}\n")
 
-    def write_topology(baseline: float) -> None:
-        topo_path.write_text(
-            "# measured by bench/planner.py on this machine\n"
+    def write_device(baseline: float) -> None:
+        dev_path.write_text(
+            "# measured by bench/planner.py on this machine (per rank)\n"
             f"[device]\nname = \"cpu\"\npeak_tflops = {peak / 1e12:.6f}\nmemory_gb = {20 / NPROC:.1f}\n"
-            f"baseline_gb = {baseline / GB:.4f}\nefficiency = 1.0\noverlap = false\n\n"
-            f"[links.gloo]\nbandwidth_gbps = {bw / 1e9:.4f}\nlatency_us = {lat * 1e6:.2f}\n\n"
-            "[[cluster]]\nname = \"local\"\nnodes = 1\n"
-            f"gpus_per_node = {NPROC}\nintra = \"gloo\"\ninter = \"gloo\"\n")
+            f"baseline_gb = {baseline / GB:.4f}\nefficiency = 1.0\noverlap = false\n")
 
-    write_topology(0.0)
-    cfg0 = load_config(REPO / "configs/tiny.toml", [f"{k}={v}" for k, v in {**COMMON, **base_over}.items()])
-    own = memory_per_rank(cfg0, Layout(dp_shard=NPROC, micro_batch=1), load_topology(topo_path, "cpu", NPROC).device)
+    write_device(0.0)
+    own = memory_per_rank(planner_cfg(base_over, topo_path), Layout(dp_shard=NPROC, micro_batch=1),
+                          load_device(dev_path, "cpu"))
     baseline = measured_base - own.peak
-    write_topology(baseline)
+    write_device(baseline)
     print(f"baseline: measured {measured_base / 2**20:.0f} MiB, planner's count of that run "
-          f"{own.peak / 2**20:.2f} MiB -> baseline {baseline / 2**20:.0f} MiB; topology {topo_path}", flush=True)
-    topo = load_topology(topo_path, "cpu", NPROC)
+          f"{own.peak / 2**20:.2f} MiB -> baseline {baseline / 2**20:.0f} MiB; topology {topo_path}, device "
+          f"{dev_path}", flush=True)
+    topo = network(planner_cfg(MODEL, topo_path), NPROC, "cpu", device_file=dev_path)
 
     rows = []
     order = list(LAYOUTS.items())[::-1] if args.reverse else LAYOUTS.items()
@@ -221,7 +236,7 @@ def main() -> None:
         recs = launch(root, name, over, args.steps)
         mem = recs[-1]["peak_memory_bytes"]
         tps = statistics.median(r["tokens_per_s"] for r in recs[1:])
-        cfg = load_config(REPO / "configs/tiny.toml", [f"{k}={v}" for k, v in {**COMMON, **MODEL, **over}.items()])
+        cfg = planner_cfg({**MODEL, **over}, topo_path)
         tp, pp, sched, dpr, dps, mb, ac = spec
         est = estimate(cfg, Layout(tp, pp, sched, dpr, dps, 1, mb, ac), topo)
         rows.append((name, est, mem, tps))

@@ -120,12 +120,19 @@ def _parser() -> argparse.ArgumentParser:
                     help="override one config value, e.g. --set model.n_layers=40 (repeatable)")
     sp.add_argument("--gpus", type=int, required=True, help="devices (ranks) to plan for")
     sp.add_argument("--gpu", default="h100", help="h100, a100, h200, b200 (datasheet peak, memory, link "
-                                                  "defaults) or cpu (needs --topology with a [device] table)")
-    sp.add_argument("--topology", metavar="T.toml", help="clusters of nodes and their link classes (bandwidth "
-                                                          "GB/s, latency us); schema in dist_train/planner.py")
+                                                  "defaults) or cpu (needs --device-file)")
+    sp.add_argument("--topology", metavar="T.toml",
+                    help="the [topology] file `dist-train local/torchrun --topology` takes (clusters, nodes, per "
+                         "link class intra_node / intra_cluster / inter_cluster bandwidth_gbps in Gbit/s and "
+                         "latency_ms; sets topology.file): overrides the preset's link defaults")
+    sp.add_argument("--nodes", type=int, help="nodes the GPUs are on (default: topology.nodes, else 8 GPUs a node "
+                                              "for the GPU presets, 1 for cpu)")
+    sp.add_argument("--device-file", metavar="D.toml",
+                    help="a [device] table (peak_tflops, memory_gb, baseline_gb, efficiency, overlap, name) over "
+                         "the --gpu preset; needed with --gpu cpu (schema in dist_train/planner.py)")
     sp.add_argument("--top", type=int, default=10, help="layouts to print (default 10)")
     sp.add_argument("--efficiency", type=float, help="fraction of the peak the matmuls reach (default: 0.75 "
-                                                      "on GPUs, the topology's on cpu)")
+                                                      "on GPUs, the device file's on cpu)")
     sp.add_argument("--micro-batch", type=int, action="append", metavar="B",
                     help="only these micro-batch sizes (repeatable; default: every divisor of the per-rank batch)")
     sp = sub.add_parser("drill", help="C4 drills: run a simulated job with an injected fault and check that "

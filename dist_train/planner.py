@@ -62,7 +62,7 @@ Memory per rank (the rank that peaks: every pipeline rank is evaluated, the maxi
   baseline: the framework's own memory (device figure): on CPU peak_memory_bytes is the
   process's max RSS, which counts the Python interpreter, torch, gloo and the data loader;
   it is measured once (bench/planner.py: a run of a model with next to no parameters) and
-  given in the topology file; on GPU the CUDA allocator's peak excludes the context: 0.
+  given in the device file (baseline_gb); on GPU the CUDA allocator's peak excludes the context: 0.
 
 Step time (one optimizer step)
   FLOPs per token: model.flops_per_token (6 x matmul parameters + 12 L h s attention;
@@ -81,10 +81,14 @@ Step time (one optimizer step)
   of the rank's chunk boundaries (1; interleaved v; layered L/p): 2 m c e sbh / t bytes
   expert parallel (MoE): per MoE block and micro-batch 4 all-to-alls (dispatch and combine,
   forward and backward) of b s k h e / t bytes each, (ep - 1)/ep of it on the wire
-  links: a group's ranks are consecutive blocks of the mesh (diloco x pp x dp_replicate x
-  dp_shard x tp, tp innermost); a group spanning at most one node uses the node's link
-  class (NVLink), one spanning nodes the inter-node class (InfiniBand), one spanning
-  clusters the inter-cluster class
+  links: each mesh dim's groups are laid out as the trainer would lay them: topology.place
+  with parallel.placement over the topology (`ordered`, row-major with tp innermost, when
+  no [topology] is given, as the trainer does), and each dim is charged the slowest link
+  class (intra_node, intra_cluster, inter_cluster) any of its groups crosses
+  (topology.group_link); pp is charged the slowest hop between consecutive stages, ep the
+  slowest of its groups (consecutive chunks of the flattened dp_replicate x dp_shard x tp).
+  Without a [topology] the nodes are --nodes (default 8 GPUs a node on the presets) in one
+  cluster; a class's bandwidth_gbps is Gbit/s (bytes/s = x 1e9 / 8), latency_ms per hop
   bubble: gpipe and 1f1b (p - 1)/(m + p - 1) of the pipelined time, i.e. the compute and tp
   time grow by (p - 1)/m; interleaved by (p - 1)/(v m) (Narayanan et al. 2021); layered
   (breadth first over L/p stages per rank, Lamy-Poirier 2022) by (p - 1)/(m L / p)
@@ -96,39 +100,43 @@ Step time (one optimizer step)
   (world x peak)
 
 Not modelled: allocator fragmentation, the optimizer's and norms' memory-bound time, kernel
-launch overhead, DiLoCo. Devices: the --gpu presets below (peak from mfu.PEAK_TFLOPS, memory
-from the datasheets, link defaults stated there) or a topology file (TOML):
+launch overhead, DiLoCo.
 
-    [device]              # optional, overrides the preset: cpu needs it
-    name = "cpu"
-    peak_tflops = 0.05    # per rank, in the compute dtype
-    memory_gb = 5.0       # per rank
-    baseline_gb = 0.3     # framework memory counted by the peak (CPU: RSS of a near-empty run)
-    efficiency = 1.0      # fraction of peak the matmuls reach
-    overlap = false       # data-parallel collectives overlap compute
-    [links.nvlink]        # link classes: bandwidth per rank and direction, latency per hop
-    bandwidth_gbps = 450  # GB/s
-    latency_us = 3
-    [links.ib]
-    bandwidth_gbps = 50
-    latency_us = 10
-    [[cluster]]           # clusters of identical nodes
-    name = "a"
+Devices and links are two files. The links are the topology `dist-train local/torchrun
+--topology T.toml` takes (dist_train/topology.py, read and checked by its functions: a
+[topology] table with nodes, clusters or cluster_map, and links per class with
+bandwidth_gbps in Gbit/s and latency_ms); `plan --topology T.toml` (or a [topology] section
+in the config) gives any class figures over the preset's defaults (GPU_PRESETS below:
+intra_node = NVLink, intra_cluster = InfiniBand; inter_cluster has none and is needed with
+several clusters, as is every class a launch uses under --gpu cpu; a field a class does not
+give is the preset's, a latency neither gives is 0):
+
+    [topology]
     nodes = 8
-    gpus_per_node = 8
-    intra = "nvlink"      # link class inside a node
-    inter = "ib"          # between the nodes of this cluster
-    # inter_cluster = "wan"   (top level: between clusters; needed with several)
+    clusters = 2
+    links = { inter_cluster = { bandwidth_gbps = 100.0, latency_ms = 0.5 } }
+
+The device is `--device-file D.toml` (one [device] table; over the --gpu preset's peak from
+mfu.PEAK_TFLOPS and datasheet memory; --gpu cpu needs it; an unknown or bad field is one
+line naming it):
+
+    [device]
+    name = "cpu"
+    peak_tflops = 0.05    # per rank, in the compute dtype (needed on cpu)
+    memory_gb = 5.0       # per rank (needed on cpu)
+    baseline_gb = 0.3     # framework memory counted by the peak (CPU: RSS of a near-empty run); 0
+    efficiency = 1.0      # fraction of peak the matmuls reach (cpu 1.0, GPUs 0.75; --efficiency wins)
+    overlap = false       # data-parallel collectives overlap compute (cpu false, GPUs true)
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import topology as _topology
 from .comm_model import dense_step_bytes, unit_params
 from .config import Config, ConfigError
 from .errors import UserError
@@ -146,7 +154,7 @@ INTERLEAVE = 2  # parallel/pipeline.py: virtual stages per rank
 
 @dataclass(frozen=True)
 class Link:
-    name: str
+    name: str         # the link class (dist_train/topology.py's LINK_CLASSES)
     bandwidth: float  # bytes/s per rank and direction
     latency: float    # s per hop
 
@@ -163,42 +171,84 @@ class Device:
     dtype_bytes: int = 2
 
 
-# Datasheet memory; links: NVLink per direction (H100/H200 NVLink4 900 GB/s total, A100
-# NVLink3 600, B200 NVLink5 1800), one InfiniBand NIC per GPU (A100: HDR 200 Gb/s = 25 GB/s;
-# H100/H200/B200: NDR 400 Gb/s = 50 GB/s). Latencies are typical NCCL per-hop figures
-# (assumed, not measured here). Efficiency 0.75: the fraction of the dense bf16 peak large
-# GEMMs reach on these parts (an assumption, stated; --efficiency changes it).
+# Datasheet memory; links in topology.py's classes and units (Gbit/s, ms): intra_node =
+# NVLink per direction (H100/H200 NVLink4 900 GB/s total = 450 GB/s = 3600 Gbit/s a
+# direction, A100 NVLink3 300 GB/s = 2400 Gbit/s, B200 NVLink5 900 GB/s = 7200 Gbit/s),
+# intra_cluster = one InfiniBand NIC per GPU (A100: HDR 200 Gbit/s; H100/H200/B200: NDR 400
+# Gbit/s). Latencies are typical NCCL per-hop figures (assumed, not measured here): 0.003 ms
+# NVLink, 0.010 ms InfiniBand. No datasheet gives a link between clusters: inter_cluster has
+# no default (a topology of several clusters must give its bandwidth_gbps). Efficiency 0.75:
+# the fraction of the dense bf16 peak large GEMMs reach on these parts (an assumption,
+# stated; --efficiency changes it).
 GPU_PRESETS = {
-    "h100": dict(name="H100", memory_gb=80, nvlink=450, ib=50),
-    "a100": dict(name="A100", memory_gb=80, nvlink=300, ib=25),
-    "h200": dict(name="H200", memory_gb=141, nvlink=450, ib=50),
-    "b200": dict(name="B200", memory_gb=192, nvlink=900, ib=50),
+    "h100": dict(name="H100", memory_gb=80, intra_node=3600, intra_cluster=400),
+    "a100": dict(name="A100", memory_gb=80, intra_node=2400, intra_cluster=200),
+    "h200": dict(name="H200", memory_gb=141, intra_node=3600, intra_cluster=400),
+    "b200": dict(name="B200", memory_gb=192, intra_node=7200, intra_cluster=400),
 }
-NVLINK_LATENCY_US, IB_LATENCY_US = 3.0, 10.0
+PRESET_LATENCY_MS = {"intra_node": 0.003, "intra_cluster": 0.010}
+GPUS_PER_NODE = 8  # the presets' nodes (without --nodes or topology.nodes)
 GPU_CHOICES = (*GPU_PRESETS, "cpu")
+DEVICE_FIELDS = ("name", "peak_tflops", "memory_gb", "baseline_gb", "efficiency", "overlap")
+
+
+def preset_links(gpu: str) -> dict:
+    """A preset's link defaults as a topology.links table (Gbit/s, ms); {} for cpu."""
+    if gpu not in GPU_PRESETS:
+        return {}
+    return {c: {"bandwidth_gbps": float(GPU_PRESETS[gpu][c]), "latency_ms": PRESET_LATENCY_MS[c]}
+            for c in PRESET_LATENCY_MS}
 
 
 @dataclass
-class Topology:
+class Network:
+    """The devices and what joins them: dist_train/topology.py's Topology (nodes, clusters)
+    on the planned launch, the figures of each link class, and the placement mode the
+    trainer would use (`parallel.placement`; without a [topology] the trainer places
+    `ordered`)."""
     device: Device
-    gpus_per_node: int
-    clusters: list[tuple[str, int]]  # (name, nodes)
-    intra: Link
-    inter: Link
-    inter_cluster: Link | None = None
+    topo: _topology.Topology
+    links: dict                  # link class -> Link
+    placement: str = "ordered"   # what place() is called with
+    given: bool = False          # a [topology] was given (else place() sees none, as the trainer)
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def gpus_per_node(self) -> int:
+        return self.topo.per_node
 
     @property
     def total(self) -> int:
-        return self.gpus_per_node * sum(n for _, n in self.clusters)
+        return self.topo.world
 
-    def link(self, span: int) -> Link:
-        """The link a group of `span` consecutive ranks crosses."""
-        if span <= self.gpus_per_node:
-            return self.intra
-        first_cluster = self.clusters[0][1] * self.gpus_per_node
-        if span > first_cluster and self.inter_cluster is not None:
-            return self.inter_cluster
-        return self.inter
+    def dim_links(self, lay) -> dict:
+        """Per mesh dim of the layout (and ep), the Link its groups cross under the placement
+        the trainer would choose (topology.place): the slowest class over all its groups
+        (group_link); for pp, the slowest between consecutive stages (the p2p hops)."""
+        shape = (1, lay.pp, lay.dp_replicate, lay.dp_shard, lay.tp)
+        key = (shape, lay.ep)
+        if key in self._cache:
+            return self._cache[key]
+        p = _topology.place(self.placement, shape, self.topo if self.given else None, lay.ep)
+        order = _topology.LINK_CLASSES.index
+        out = {}
+        for dim, size in zip(_topology.MESH_DIMS, shape):
+            if size <= 1:
+                continue
+            groups = p.groups(dim)
+            if dim == "pp":
+                classes = [self.topo.link(g[i], g[i + 1]) for g in groups for i in range(len(g) - 1)]
+            else:
+                classes = [self.topo.group_link(g) for g in groups]
+            out[dim] = self.link(max(classes, key=order))
+        if lay.ep > 1:  # ep: consecutive chunks of the flattened dp_replicate x dp_shard x tp
+            classes = [self.topo.group_link(p.ranks[i:i + lay.ep]) for i in range(0, len(p.ranks), lay.ep)]
+            out["ep"] = self.link(max(classes, key=order))
+        self._cache[key] = out
+        return out
+
+    def link(self, cls: str) -> Link:
+        return self.links[cls]
 
 
 def _preset_device(gpu: str, efficiency: float | None) -> Device:
@@ -211,101 +261,99 @@ def _preset_device(gpu: str, efficiency: float | None) -> Device:
                   0.75 if efficiency is None else efficiency)
 
 
-def default_topology(gpu: str, gpus: int, efficiency: float | None = None) -> Topology:
-    if gpu == "cpu":
-        raise UserError("--gpu cpu needs --topology FILE with a [device] table (peak_tflops, memory_gb, "
-                        "baseline_gb) and its link classes; bench/planner.py measures one for this machine")
-    p = GPU_PRESETS[gpu]
-    per_node = min(8, gpus)
-    if gpus % per_node:
-        raise UserError(f"--gpus {gpus}: {gpu} nodes hold 8 GPUs; use fewer than 8 or a multiple of 8 "
-                        "(or describe the cluster with --topology)")
-    return Topology(_preset_device(gpu, efficiency), per_node, [("default", gpus // per_node)],
-                    Link("nvlink", p["nvlink"] * GB, NVLINK_LATENCY_US * 1e-6),
-                    Link("ib", p["ib"] * GB, IB_LATENCY_US * 1e-6))
-
-
-def load_topology(path: str | Path, gpu: str, gpus: int, efficiency: float | None = None) -> Topology:
-    """A topology file (module docstring); every mistake is one line naming the key."""
+def load_device(path: str | Path | None, gpu: str, efficiency: float | None = None) -> Device:
+    """The device: the --gpu preset, with a device file's [device] fields over it (module
+    docstring); --gpu cpu needs the file. Every mistake is one line naming the field."""
+    if path is None:
+        if gpu == "cpu":
+            raise UserError("--gpu cpu needs --device-file D.toml with a [device] table (peak_tflops, memory_gb, "
+                            "baseline_gb); bench/planner.py measures one for this machine")
+        return _preset_device(gpu, efficiency)
     path = Path(path)
-    where = f"--topology {path}"
+    where = f"--device-file {path}"
     try:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{where}: no such file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{where}: not valid TOML ({e})") from None
+    dev_raw = raw.get("device")
+    if not isinstance(dev_raw, dict) or set(raw) != {"device"}:
+        raise UserError(f"{where}: must hold one [device] table (peak_tflops, memory_gb, baseline_gb, efficiency, "
+                        "overlap, name); the links are the topology's (--topology)")
+    for key in dev_raw:
+        if key not in DEVICE_FIELDS:
+            raise UserError(f"{where}: device.{key} is not a device field; use {', '.join(DEVICE_FIELDS)}")
 
-    def number(table: dict, key: str, ctx: str, *, positive=True, default=None) -> float:
-        v = table.get(key, default)
+    def number(key: str, *, positive=True, default=None) -> float:
+        v = dev_raw.get(key, default)
         if v is None:
-            raise UserError(f"{where}: {ctx} needs {key}")
+            raise UserError(f"{where}: device.{key} is needed (no --gpu preset gives it)")
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (positive and not v > 0) or v < 0:
-            raise UserError(f"{where}: {ctx}.{key} = {v!r} must be a {'positive' if positive else 'non-negative'} "
+            raise UserError(f"{where}: device.{key} = {v!r} must be a {'positive' if positive else 'non-negative'} "
                             "number")
         return float(v)
 
+    overlap = dev_raw.get("overlap", gpu != "cpu")
+    if not isinstance(overlap, bool):
+        raise UserError(f"{where}: device.overlap = {overlap!r} must be true or false")
+    base = _preset_device(gpu, None) if gpu != "cpu" else None
+    cpu = gpu == "cpu"
+    eff = efficiency if efficiency is not None else number("efficiency", default=1.0 if cpu else 0.75)
+    if not 0 < eff <= 1:
+        raise UserError(f"{where}: device.efficiency = {eff:g} must be in (0, 1]")
+    return Device(str(dev_raw.get("name", base.name if base else "cpu")),
+                  number("peak_tflops", default=base.peak_flops / 1e12 if base else None) * 1e12,
+                  number("memory_gb", default=base.memory_bytes / GB if base else None) * GB,
+                  eff, number("baseline_gb", positive=False, default=0.0) * GB,
+                  overlap, "torch" if cpu else "triton", 4 if cpu else 2)
+
+
+def network(cfg: Config, gpus: int, gpu: str = "h100", nodes: int | None = None, device_file=None,
+            efficiency: float | None = None) -> Network:
+    """The planned launch: `gpus` ranks on `nodes` nodes (default: topology.nodes, else the
+    presets' 8 a node, 1 node on cpu), clustered and linked as the config's [topology] says
+    (`--topology T.toml` fills it, as for `dist-train local`; topology.build_topology checks
+    it), the link classes' figures from topology.links over the preset's defaults."""
+    if gpus < 1:
+        raise UserError(f"--gpus {gpus}: must be at least 1")
+    if gpu not in GPU_CHOICES:
+        raise UserError(f"--gpu {gpu!r}: use one of {', '.join(GPU_CHOICES)}")
+    dev = load_device(device_file, gpu, efficiency)
+    t = cfg.topology
+    if nodes is None and not t.nodes and gpu != "cpu" and gpus > GPUS_PER_NODE and gpus % GPUS_PER_NODE:
+        raise UserError(f"--gpus {gpus}: {gpu} nodes hold {GPUS_PER_NODE} GPUs; use fewer than {GPUS_PER_NODE} or a "
+                        f"multiple of {GPUS_PER_NODE}, or give --nodes (or topology.nodes)")
+    if nodes is None:
+        nodes = t.nodes or (1 if gpu == "cpu" or gpus <= GPUS_PER_NODE else gpus // GPUS_PER_NODE)
+    if nodes < 1 or gpus % nodes:
+        src = "--nodes" if nodes != t.nodes else "topology.nodes"
+        raise UserError(f"--gpus {gpus} does not fill {nodes} nodes ({src}) equally; use a multiple of {nodes} GPUs")
+    try:
+        topo = _topology.build_topology(t, gpus, nodes)
+    except ConfigError as e:
+        raise UserError(str(e)) from None
+    defaults = preset_links(gpu)
+    n_clusters = len(set(topo.cluster_of_node))
+    needed = {"intra_node": topo.per_node > 1, "intra_cluster": nodes > n_clusters, "inter_cluster": n_clusters > 1}
     links = {}
-    for name, body in (raw.get("links") or {}).items():
-        if not isinstance(body, dict):
-            raise UserError(f"{where}: links.{name} must be a table with bandwidth_gbps and latency_us")
-        links[name] = Link(name, number(body, "bandwidth_gbps", f"links.{name}") * GB,
-                           number(body, "latency_us", f"links.{name}", positive=False) * 1e-6)
+    for cls in _topology.LINK_CLASSES:
+        spec = {**defaults.get(cls, {}), **t.links.get(cls, {})}
+        bps, lat = _topology.link_si(spec)
+        if bps is None:
+            if needed[cls]:
+                why = f"no default for {gpu}" if gpu == "cpu" or cls == "inter_cluster" else "none given"
+                raise UserError(f"topology.links.{cls}.bandwidth_gbps is needed to plan this launch ({why}); give it "
+                                f"in the topology file (--topology T.toml), e.g. links = {{ {cls} = "
+                                "{ bandwidth_gbps = 100.0, latency_ms = 0.01 } }")
+            bps = float("inf")
+        links[cls] = Link(cls, bps, lat or 0.0)
+    return Network(dev, topo, links, cfg.parallel.placement, _topology.topology_given(t))
 
-    def link(name, ctx: str) -> Link:
-        if name not in links:
-            known = ", ".join(links) or "none defined"
-            raise UserError(f"{where}: {ctx} = {name!r} is not a link class (known: {known}); add [links.{name}]")
-        return links[name]
 
-    clusters = raw.get("cluster")
-    if not isinstance(clusters, list) or not clusters:
-        raise UserError(f"{where}: needs at least one [[cluster]] with nodes, gpus_per_node, intra and inter")
-    per_node = {int(number(c, "gpus_per_node", f"cluster {c.get('name', i)!r}")) for i, c in enumerate(clusters)}
-    if len(per_node) != 1:
-        raise UserError(f"{where}: every cluster must have the same gpus_per_node (got {sorted(per_node)})")
-    gpn = per_node.pop()
-    names = [(str(c.get("name", i)), int(number(c, "nodes", f"cluster {c.get('name', i)!r}")))
-             for i, c in enumerate(clusters)]
-    intra = {c.get("intra") for c in clusters}
-    inter = {c.get("inter") for c in clusters}
-    if len(intra) != 1 or len(inter) != 1:
-        raise UserError(f"{where}: every cluster must use the same intra and inter link classes")
-    intra_link = link(intra.pop(), "cluster.intra")
-    inter_name = inter.pop()
-    inter_link = link(inter_name, "cluster.inter") if inter_name is not None else intra_link
-    if inter_name is None and any(n > 1 for _, n in names):
-        raise UserError(f"{where}: a cluster of several nodes needs inter (the link class between its nodes)")
-    ic = raw.get("inter_cluster")
-    if len(names) > 1 and ic is None:
-        raise UserError(f"{where}: several clusters need inter_cluster (the link class between them)")
-    inter_cluster = link(ic, "inter_cluster") if ic is not None else None
-
-    dev_raw = raw.get("device")
-    if dev_raw is None:
-        if gpu == "cpu":
-            default_topology(gpu, gpus)  # raises the one-line explanation
-        dev = _preset_device(gpu, efficiency)
-    else:
-        base = _preset_device(gpu, None) if gpu != "cpu" else None
-        name = str(dev_raw.get("name", base.name if base else "cpu"))
-        cpu = gpu == "cpu"
-        dev = Device(
-            name,
-            number(dev_raw, "peak_tflops", "device", default=base.peak_flops / 1e12 if base else None) * 1e12,
-            number(dev_raw, "memory_gb", "device", default=base.memory_bytes / GB if base else None) * GB,
-            efficiency if efficiency is not None else number(dev_raw, "efficiency", "device",
-                                                             default=1.0 if cpu else 0.75),
-            number(dev_raw, "baseline_gb", "device", positive=False, default=0.0) * GB,
-            bool(dev_raw.get("overlap", not cpu)), "torch" if cpu else "triton", 4 if cpu else 2)
-    topo = Topology(dev, gpn, names, intra_link, inter_link, inter_cluster)
-    if gpus % gpn:
-        raise UserError(f"{where}: --gpus {gpus} does not fill whole nodes of {gpn} (gpus_per_node); use a "
-                        f"multiple of {gpn}")
-    if gpus > topo.total:
-        raise UserError(f"{where}: --gpus {gpus} is more than the topology's {topo.total} "
-                        f"({sum(n for _, n in names)} nodes x {gpn})")
-    return topo
+def default_topology(gpu: str, gpus: int, efficiency: float | None = None) -> Network:
+    """A preset's launch with no [topology]: 8 GPUs a node, one cluster."""
+    return network(Config(), gpus, gpu, efficiency=efficiency)
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -379,7 +427,7 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def candidate_layouts(cfg: Config, gpus: int, topo: Topology, micro_batches=None, checkpoints=CHECKPOINTS,
+def candidate_layouts(cfg: Config, gpus: int, topo: Network, micro_batches=None, checkpoints=CHECKPOINTS,
                       schedules=SCHEDULES) -> tuple[list[Layout], int]:
     """Every layout layout.check_layout accepts on `gpus` ranks (tp within a node, ep for MoE
     configs), and how many were refused by it."""
@@ -564,11 +612,12 @@ class Estimate:
     reason: str = ""
 
 
-def step_time(cfg: Config, lay: Layout, topo: Topology, a=None) -> tuple[float, dict]:
+def step_time(cfg: Config, lay: Layout, topo: Network, a=None) -> tuple[float, dict]:
     from .model import flops_per_token
 
     a = a or model_args(cfg)
     dev = topo.device
+    links = topo.dim_links(lay)
     s, gb = cfg.data.seq_len, cfg.train.global_batch
     world = lay.dp * lay.tp * lay.pp
     n_micro = gb // (lay.dp * lay.micro_batch)
@@ -584,7 +633,7 @@ def step_time(cfg: Config, lay: Layout, topo: Topology, a=None) -> tuple[float, 
     tp_b = dense_step_bytes(stage, lay.tp, 1, 1, s, n_micro * lay.micro_batch, lay.micro_batch) if lay.tp > 1 else {}
     t_tp = 0.0
     if lay.tp > 1:
-        link = topo.link(lay.tp)
+        link = links["tp"]
         t_tp += _ring(tp_b["all_gather"] * e / 4, "all_gather", lay.tp, n_micro * (4 * L + 2), link)
         t_tp += _ring(tp_b["reduce_scatter"] * e / 4, "reduce_scatter", lay.tp, n_micro * (4 * L + 2), link)
         t_tp += _ring(tp_b["all_reduce"], "all_reduce", lay.tp, n_micro * 2, link)
@@ -597,24 +646,24 @@ def step_time(cfg: Config, lay: Layout, topo: Topology, a=None) -> tuple[float, 
         else:
             ag = full["all_gather"] - tp_b.get("all_gather", 0)
         rs = sum(units) * 4 if lay.dp_shard > 1 else 0
-        shard_link = topo.link(lay.tp * lay.dp_shard)
+        shard_link = links.get("dp_shard")
         if lay.dp_shard > 1:
             t_dp += _ring(ag * e / 4, "all_gather", lay.dp_shard, n_micro * (2 * L + 1), shard_link)
             t_dp += _ring(rs, "reduce_scatter", lay.dp_shard, L + 1, shard_link)
         if lay.dp_replicate > 1:
             t_dp += _ring(sum(units) // lay.dp_shard * 4, "all_reduce", lay.dp_replicate, L + 1,
-                          topo.link(lay.tp * lay.dp))
+                          links["dp_replicate"])
     t_p2p = 0.0
     v = INTERLEAVE if lay.schedule == "interleaved" else (a.n_layers // lay.pp if lay.schedule == "layered" else 1)
     if lay.pp > 1:
-        link = topo.link(lay.tp * lay.dp * 2)
+        link = links["pp"]
         msg = e * lay.micro_batch * s * a.dim / lay.tp
         t_p2p = 2 * n_micro * v * (msg / link.bandwidth + link.latency)
     t_ep = 0.0
     if lay.ep > 1 and a.moe_experts:
         moe_blocks = len(a.moe_layer_ids()) // lay.pp
         msg = lay.micro_batch * s * a.moe_top_k * a.dim * e / lay.tp
-        t_ep = _ring(4 * n_micro * moe_blocks * msg, "all_to_all", lay.ep, 4 * n_micro * moe_blocks, topo.link(lay.ep))
+        t_ep = _ring(4 * n_micro * moe_blocks * msg, "all_to_all", lay.ep, 4 * n_micro * moe_blocks, links["ep"])
     if lay.pp > 1:
         bubble = (lay.pp - 1) / (v * n_micro)
     else:
@@ -625,7 +674,7 @@ def step_time(cfg: Config, lay: Layout, topo: Topology, a=None) -> tuple[float, 
                    "bubble": (t_c + t_tp + t_ep + t_p2p) * bubble, "bubble_fraction": bubble / (1 + bubble)}
 
 
-def estimate(cfg: Config, lay: Layout, topo: Topology, a=None) -> Estimate:
+def estimate(cfg: Config, lay: Layout, topo: Network, a=None) -> Estimate:
     from .model import flops_per_token
 
     a = a or model_args(cfg)
@@ -650,13 +699,15 @@ class Plan:
     fitting: list[Estimate]
     too_big: list[Estimate]
     refused: int
-    topo: Topology
+    topo: Network
     gpus: int
 
 
-def plan(cfg: Config, gpus: int, topo: Topology, **kw) -> Plan:
+def plan(cfg: Config, gpus: int, topo: Network, **kw) -> Plan:
     if gpus < 1:
         raise UserError(f"--gpus {gpus}: must be at least 1")
+    if gpus != topo.total:
+        raise UserError(f"--gpus {gpus} but the network was built for {topo.total} ranks")
     a = model_args(cfg)
     layouts, refused = candidate_layouts(cfg, gpus, topo, **kw)
     if not layouts:
@@ -668,6 +719,16 @@ def plan(cfg: Config, gpus: int, topo: Topology, **kw) -> Plan:
     return Plan([x for x in ests if x.fits], [x for x in ests if not x.fits], refused, topo, gpus)
 
 
+def _network_text(n: Network) -> str:
+    t = n.topo
+    clusters = len(set(t.cluster_of_node))
+    links = ", ".join(f"{c} {l.bandwidth * 8 / 1e9:g} Gbit/s {l.latency * 1e3:g} ms" for c, l in n.links.items()
+                      if l.bandwidth != float("inf"))
+    place = n.placement if n.given else "ordered (no [topology])"
+    return (f"{t.nodes} node(s)" + (f" in {clusters} clusters" if clusters > 1 else "")
+            + f", placement {place}" + (f"; {links}" if links else ""))
+
+
 def format_plan(p: Plan, cfg: Config, top: int = 10, too_big: int = 5) -> str:
     a = model_args(cfg)
     from .model import count_params
@@ -676,8 +737,7 @@ def format_plan(p: Plan, cfg: Config, top: int = 10, too_big: int = 5) -> str:
     lines = [f"plan: {count_params(a)['total'] / 1e9:.3g}B parameters, seq {cfg.data.seq_len}, global batch "
              f"{cfg.train.global_batch} on {p.gpus} x {d.name} ({d.memory_bytes / GB:.0f} GB, peak "
              f"{d.peak_flops / 1e12:.4g} TFLOP/s x efficiency {d.efficiency:g}; {p.topo.gpus_per_node} per node, "
-             f"{p.topo.intra.name} {p.topo.intra.bandwidth / GB:g} GB/s, {p.topo.inter.name} "
-             f"{p.topo.inter.bandwidth / GB:g} GB/s)",
+             f"{_network_text(p.topo)})",
              f"{len(p.fitting) + len(p.too_big)} valid layouts ({p.refused} refused by the pre-flight checks), "
              f"{len(p.fitting)} fit in memory; the model: dist_train/planner.py", ""]
     head = (f"{'#':>3} {'tp':>3} {'pp':>3} {'schedule':>11} {'dp_rep':>6} {'dp_shard':>8} {'ep':>3} {'mb':>3} "
@@ -702,15 +762,10 @@ def format_plan(p: Plan, cfg: Config, top: int = 10, too_big: int = 5) -> str:
 def plan_command(args) -> None:
     from .config import load_config
 
-    cfg = load_config(args.config, args.overrides)
-    if args.gpu not in GPU_CHOICES:
-        raise UserError(f"--gpu {args.gpu!r}: use one of {', '.join(GPU_CHOICES)}")
+    cfg = load_config(args.config, args.overrides)  # --topology T.toml is topology.file (cli.run)
     if args.efficiency is not None and not 0 < args.efficiency <= 1:
         raise UserError(f"--efficiency {args.efficiency}: must be in (0, 1]")
-    if args.gpus < 1:
-        raise UserError(f"--gpus {args.gpus}: must be at least 1")
-    topo = (load_topology(args.topology, args.gpu, args.gpus, args.efficiency) if args.topology
-            else default_topology(args.gpu, args.gpus, args.efficiency))
+    topo = network(cfg, args.gpus, args.gpu, args.nodes, args.device_file, args.efficiency)
     kw = {}
     if args.micro_batch:
         kw["micro_batches"] = args.micro_batch
