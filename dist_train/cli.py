@@ -1,5 +1,5 @@
 """The `dist-train` command: train, local, ray, torchrun, sbatch, lighthouse, prepare, export, verify,
-report, drill.
+report, drill, plan.
 
 User mistakes (bad config, bad data, impossible layout) end in one line naming the field
 and the fix, exit code 2 — never a traceback.
@@ -113,6 +113,28 @@ def _parser() -> argparse.ArgumentParser:
                                              "checkpoints/ folder or a run directory")
     sp = sub.add_parser("report", help="draw a run's curves to RUN_DIR/report/*.png")
     sp.add_argument("run_dir")
+    sp = sub.add_parser("plan", help="rank the valid layouts of a config on N GPUs by an analytic model of "
+                                     "memory per rank and step time (dist_train/planner.py)")
+    sp.add_argument("config", nargs="?", help="TOML config (default: the built-in tiny config)")
+    sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override one config value, e.g. --set model.n_layers=40 (repeatable)")
+    sp.add_argument("--gpus", type=int, required=True, help="devices (ranks) to plan for")
+    sp.add_argument("--gpu", default="h100", help="h100, a100, h200, b200 (datasheet peak, memory, link "
+                                                  "defaults) or cpu (needs --device-file)")
+    sp.add_argument("--topology", metavar="T.toml",
+                    help="the [topology] file `dist-train local/torchrun --topology` takes (clusters, nodes, per "
+                         "link class intra_node / intra_cluster / inter_cluster bandwidth_gbps in Gbit/s and "
+                         "latency_ms; sets topology.file): overrides the preset's link defaults")
+    sp.add_argument("--nodes", type=int, help="nodes the GPUs are on (default: topology.nodes, else 8 GPUs a node "
+                                              "for the GPU presets, 1 for cpu)")
+    sp.add_argument("--device-file", metavar="D.toml",
+                    help="a [device] table (peak_tflops, memory_gb, baseline_gb, efficiency, overlap, name) over "
+                         "the --gpu preset; needed with --gpu cpu (schema in dist_train/planner.py)")
+    sp.add_argument("--top", type=int, default=10, help="layouts to print (default 10)")
+    sp.add_argument("--efficiency", type=float, help="fraction of the peak the matmuls reach (default: 0.75 "
+                                                      "on GPUs, the device file's on cpu)")
+    sp.add_argument("--micro-batch", type=int, action="append", metavar="B",
+                    help="only these micro-batch sizes (repeatable; default: every divisor of the per-rank batch)")
     sp = sub.add_parser("drill", help="C4 drills: run a simulated job with an injected fault and check that "
                                       "it is detected and named")
     config_args(sp)
@@ -216,6 +238,10 @@ def run(argv: list[str] | None = None) -> None:
         from .verify import verify_command
 
         verify_command(args.paths)
+    elif args.command == "plan":
+        from .planner import plan_command
+
+        plan_command(args)
     elif args.command == "report":
         from .report import write_report
 

@@ -71,6 +71,13 @@ def check_links(links: dict) -> None:
                                   f"{'> 0' if key == 'bandwidth_gbps' else '>= 0'}")
 
 
+def link_si(spec: dict) -> tuple[float | None, float | None]:
+    """One link class's table in SI units: (bytes per s, latency s), None where not given
+    (`bandwidth_gbps` is Gbit/s: x 1e9 / 8; `latency_ms`: / 1e3)."""
+    bw, lat = spec.get("bandwidth_gbps"), spec.get("latency_ms")
+    return (bw * 1e9 / 8 if bw else None), (float(lat) / 1e3 if lat is not None else None)
+
+
 def read_topology_file(path: str) -> dict:
     """The `[topology]` table of a topology file (`--topology FILE`, `topology.file`)."""
     from .config import tomllib
@@ -136,10 +143,10 @@ class Topology:
         """class -> (latency s, bytes per s or None) for the classes given a bandwidth or latency."""
         out = {}
         for name, spec in self.links.items():
-            bw = spec.get("bandwidth_gbps")
-            lat = float(spec.get("latency_ms", 0.0)) / 1e3
-            if bw or lat:
-                out[name] = (lat, bw * 1e9 / 8 if bw else None)
+            bps, lat = link_si(spec)
+            lat = lat or 0.0
+            if bps or lat:
+                out[name] = (lat, bps)
         return out
 
 
