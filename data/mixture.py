@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .sampler import DistributedBatchSampler
+from .sampler import BatchShape, check_batching
 
 STATE_VERSION = 1
 
@@ -85,7 +85,7 @@ class MixtureDataset:
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
 
-class MixtureSampler:
+class MixtureSampler(BatchShape):
     """One rank's micro-batches of global sample ids of a weighted mixture (module docstring)."""
 
     def __init__(self, sizes: Sequence[int], weights: Sequence[float], *, global_batch: int, micro_batch: int,
@@ -95,9 +95,7 @@ class MixtureSampler:
         total_w = float(sum(weights))
         if not all(w > 0 for w in weights) or not np.isfinite(total_w):
             raise DataError(f"data.mix: weights must be positive numbers, got {list(weights)}")
-        # the dp and batch checks of the plain sampler (same messages)
-        DistributedBatchSampler(max(global_batch, 1), global_batch=global_batch, micro_batch=micro_batch,
-                                dp_size=dp_size, dp_rank=dp_rank, seed=seed)
+        check_batching(global_batch, micro_batch, dp_size, dp_rank)  # the plain sampler's checks
         self.sizes = [int(n) for n in sizes]
         self.offsets = np.cumsum([0] + self.sizes)
         self.weights = [float(w) / total_w for w in weights]
@@ -106,18 +104,6 @@ class MixtureSampler:
         self.consumed_samples = 0
         self.counts = [0] * len(self.sizes)
         self._perms: dict[tuple[int, int], np.ndarray] = {}
-
-    @property
-    def local_batch(self) -> int:
-        return self.global_batch // self.dp_size
-
-    @property
-    def num_micro_batches(self) -> int:
-        return self.local_batch // self.micro_batch
-
-    @property
-    def step(self) -> int:
-        return self.consumed_samples // self.global_batch
 
     def _choose(self, t: int, counts: list[int]) -> int:
         deficits = [w * (t + 1) - c for w, c in zip(self.weights, counts)]

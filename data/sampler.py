@@ -31,31 +31,58 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-class DistributedBatchSampler:
+def check_batching(global_batch: int, micro_batch: int, dp_size: int, dp_rank: int) -> None:
+    """The batch and data-parallel checks every sampler shares, each one line naming the fields."""
+    if global_batch <= 0:
+        raise DataError(f"train.global_batch must be positive, got {global_batch}")
+    if micro_batch <= 0:
+        raise DataError(f"train.micro_batch must be positive, got {micro_batch}")
+    if dp_size <= 0 or not 0 <= dp_rank < dp_size:
+        raise DataError(f"data-parallel rank {dp_rank} is not in 0..{dp_size - 1} "
+                        f"(dp_size = {DP_FIELDS} = {dp_size})")
+    if global_batch % dp_size:
+        up = -(-global_batch // dp_size) * dp_size
+        raise DataError(f"train.global_batch = {global_batch} is not divisible by the "
+                        f"data-parallel size {dp_size} ({DP_FIELDS}); set train.global_batch "
+                        f"to a multiple of {dp_size} (e.g. {up}) or change parallel.dp_*")
+    local = global_batch // dp_size
+    if local % micro_batch:
+        raise DataError(f"each data-parallel rank gets train.global_batch / dp = "
+                        f"{global_batch} / {dp_size} = {local} samples, which is not "
+                        f"divisible by train.micro_batch = {micro_batch}; set "
+                        f"train.micro_batch to a divisor of {local} ({_divisors(local)[:8]}) "
+                        f"or train.global_batch to a multiple of {dp_size * micro_batch}")
+
+
+class BatchShape:
+    """What a sampler's batch fields give: a rank's share, its micro-batches, the step."""
+
+    global_batch: int
+    micro_batch: int
+    dp_size: int
+    consumed_samples: int
+
+    @property
+    def local_batch(self) -> int:
+        return self.global_batch // self.dp_size
+
+    @property
+    def num_micro_batches(self) -> int:
+        return self.local_batch // self.micro_batch
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken so far (over all epochs)."""
+        return self.consumed_samples // self.global_batch
+
+
+class DistributedBatchSampler(BatchShape):
     """One rank's micro-batches of sample indices for each optimizer step."""
 
     def __init__(self, num_samples: int | Sized, *, global_batch: int, micro_batch: int,
                  dp_size: int = 1, dp_rank: int = 0, seed: int = 0):
         n = num_samples if isinstance(num_samples, int) else len(num_samples)
-        if global_batch <= 0:
-            raise DataError(f"train.global_batch must be positive, got {global_batch}")
-        if micro_batch <= 0:
-            raise DataError(f"train.micro_batch must be positive, got {micro_batch}")
-        if dp_size <= 0 or not 0 <= dp_rank < dp_size:
-            raise DataError(f"data-parallel rank {dp_rank} is not in 0..{dp_size - 1} "
-                            f"(dp_size = {DP_FIELDS} = {dp_size})")
-        if global_batch % dp_size:
-            up = -(-global_batch // dp_size) * dp_size
-            raise DataError(f"train.global_batch = {global_batch} is not divisible by the "
-                            f"data-parallel size {dp_size} ({DP_FIELDS}); set train.global_batch "
-                            f"to a multiple of {dp_size} (e.g. {up}) or change parallel.dp_*")
-        local = global_batch // dp_size
-        if local % micro_batch:
-            raise DataError(f"each data-parallel rank gets train.global_batch / dp = "
-                            f"{global_batch} / {dp_size} = {local} samples, which is not "
-                            f"divisible by train.micro_batch = {micro_batch}; set "
-                            f"train.micro_batch to a divisor of {local} ({_divisors(local)[:8]}) "
-                            f"or train.global_batch to a multiple of {dp_size * micro_batch}")
+        check_batching(global_batch, micro_batch, dp_size, dp_rank)
         if n < global_batch:
             raise DataError(f"the dataset has {n} samples (of data.seq_len + 1 tokens), fewer "
                             f"than train.global_batch = {global_batch}; lower train.global_batch "
@@ -72,19 +99,6 @@ class DistributedBatchSampler:
         self.consumed_samples = 0
         self._perm: np.ndarray | None = None
         self._perm_epoch = -1
-
-    @property
-    def local_batch(self) -> int:
-        return self.global_batch // self.dp_size
-
-    @property
-    def num_micro_batches(self) -> int:
-        return self.local_batch // self.micro_batch
-
-    @property
-    def step(self) -> int:
-        """Optimizer steps taken so far (over all epochs)."""
-        return self.consumed_samples // self.global_batch
 
     def _permutation(self) -> np.ndarray:
         if self._perm_epoch != self.epoch:
