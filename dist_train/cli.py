@@ -152,6 +152,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _local(args) -> None:
+    if args.nodes == 1 and not args.replicas:  # the ranks' fork server imports while this process does
+        from dist_train.launchers import rank_server
+
+        rank_server.start()
     from dist_train.launchers.local import LocalJob
 
     from .config import load_runs

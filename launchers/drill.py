@@ -284,6 +284,9 @@ def drill_command(args) -> None:
         return replica_drill_command(args)
     if not args.all and not args.fault:
         raise UserError("drill: pass --fault KIND:rank=R,... (e.g. --fault hang:rank=2,step=6) or --all")
+    from dist_train.launchers import rank_server
+
+    rank_server.start()  # the ranks' fork server imports while this process does
     base = load_config(args.config, args.overrides)
     pp = base.parallel.pp
     drills = (all_drills(args.nproc, args.jitter_steps, pp=pp) if args.all

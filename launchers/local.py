@@ -40,6 +40,7 @@ from torch.distributed.elastic.rendezvous import registry as rdzv_registry
 
 from dist_train.errors import UserError
 from dist_train.fault.wire import DETECTOR_ENV, STORE_ENV
+from dist_train.launchers import rank_server
 from dist_train.layout import LaunchPlan
 from dist_train.topology import SIMULATED_ENV
 
@@ -214,14 +215,19 @@ def _run_agent(node_rank: int, nodes: int, per_node: int, port: int, run_id: str
     """One simulated node: an elastic agent with `per_node` workers (what torchrun runs).
     Its per-worker "sending SIGTERM" warnings are silenced: when one worker fails, the
     terminal gets the agent's one line naming it and each survivor's one line."""
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.ERROR)
+    # the survivors' "terminating" warnings and the failed rank's traceback-shaped log
+    for name in ("torch.distributed.elastic.multiprocessing.api", "torch.multiprocessing.spawn"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    rank_server.start()
     params = RendezvousParameters(backend="c10d", endpoint=f"127.0.0.1:{port}", run_id=run_id, min_nodes=nodes,
                                   max_nodes=nodes, local_addr="127.0.0.1", is_host=node_rank == 0,
                                   last_call_timeout=1, timeout=900)
-    spec = WorkerSpec(role="default", local_world_size=per_node, entrypoint=sys.executable, args=worker_args,
+    argv = worker_args[2:]  # after `-m dist_train`: the ranks fork from rank_server, they do not exec
+    spec = WorkerSpec(role="default", local_world_size=per_node, entrypoint=rank_server.run_rank,
+                      args=(argv, dict(os.environ)),
                       rdzv_handler=rdzv_registry.get_rendezvous_handler(params), max_restarts=max_restarts,
                       monitor_interval=0.1, local_addr="127.0.0.1")
-    agent = _ReportingAgent(spec, DefaultLogsSpecs(), start_method="spawn", on_failure=on_failure)
+    agent = _ReportingAgent(spec, DefaultLogsSpecs(), start_method="forkserver", on_failure=on_failure)
     try:
         result = agent.run()
     finally:

@@ -98,15 +98,11 @@ class ReplicaJobs:
         return r
 
     def kill(self, replica_id: str) -> int:
-        """kill -9 every process of a replica: its launcher's session, and its workers, which
-        the elastic agent starts in sessions of their own. Returns how many were killed."""
+        """kill -9 every process of a replica: its launcher's session, which holds its agent,
+        the fork server and the ranks forked from it (launchers/rank_server.py). Returns how
+        many were killed."""
         r = self.replicas[replica_id]
-        pids = set(pids_of(f"elastic.replica_id={replica_id}", f"elastic.lighthouse={self.lighthouse}"))
-        try:
-            pids |= {int(p) for p in os.popen(f"pgrep -s {r.proc.pid}").read().split()}
-        except ValueError:
-            pass
-        pids.add(r.proc.pid)
+        pids = {int(p) for p in os.popen(f"pgrep -s {r.proc.pid}").read().split()} | {r.proc.pid}
         killed = 0
         for pid in pids:
             try:
@@ -133,22 +129,6 @@ class ReplicaJobs:
         for rid, r in self.replicas.items():
             if r.proc.poll() is None:
                 self.kill(rid)
-
-
-def pids_of(*markers: str) -> list[int]:
-    """pids of the processes whose command line holds every one of `markers` (a replica's
-    id and its lighthouse appear in its launcher's and its workers' arguments)."""
-    pids = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            cmd = open(f"/proc/{d}/cmdline", "rb").read().decode(errors="replace")
-        except OSError:
-            continue
-        if all(m in cmd for m in markers) and int(d) != os.getpid():
-            pids.append(int(d))
-    return pids
 
 
 def local_replicas(config: str | None, overrides: list[str], nproc: int, replicas: int, run_root: Path,

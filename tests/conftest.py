@@ -86,6 +86,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (a launcher's agent, fork server and ranks)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [pid] + [q for c in out for q in process_tree(int(c))]
+
+
+def rank_pids(launcher_pid: int) -> list[int]:
+    """The ranks of a `dist-train local` launch: the children of its fork server
+    (launchers/rank_server.py)."""
+    def is_fork_server(pid: int) -> bool:
+        try:
+            return b"multiprocessing.forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+
+    servers = [p for p in process_tree(launcher_pid) if is_fork_server(p)]
+    return [q for s in servers for q in process_tree(s)[1:]]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

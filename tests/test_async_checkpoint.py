@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dist_train.checkpoint import verify
-from tests.conftest import REPO, read_metrics, runs_file, sweep
+from tests.conftest import REPO, process_tree, read_metrics, runs_file, sweep
 from tests.equivalence import assert_values_match
 
 COMMON = {"train.steps": 12, "checkpoint.every": 4, "checkpoint.keep": 5}
@@ -78,11 +78,6 @@ def test_background_saves_train_and_save_what_a_blocking_save_does(saved):
     assert "checkpoint_wait_s" not in json.dumps(ref[0]), "a blocking run's records are as before"
 
 
-def _tree(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [pid] + [q for c in out for q in _tree(int(c))]
-
-
 @pytest.mark.slow
 def test_kill_every_rank_during_a_background_save_then_resume(tmp_path, saved):
     """kill -9 of the launcher and every rank while step 8's save is being written (3 s
@@ -106,7 +101,7 @@ def test_kill_every_rank_during_a_background_save_then_resume(tmp_path, saved):
     try:
         assert seen.wait(300), "".join(lines)[-3000:]
         time.sleep(0.5)  # inside the 3 s write
-        for pid in _tree(job.pid):
+        for pid in process_tree(job.pid):
             os.kill(pid, signal.SIGKILL)
         job.wait(30)
     finally:

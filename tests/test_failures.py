@@ -14,22 +14,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, read_metrics, run_cli, tiny_overrides
-
-
-def worker_pids(marker: str) -> list[int]:
-    """pids of the `dist_train train` workers whose command line holds `marker`."""
-    pids = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            cmd = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if b"dist_train" in cmd and b"train" in cmd and any(marker.encode() in c for c in cmd):
-            pids.append(int(d))
-    return pids
+from tests.conftest import REPO, rank_pids, read_metrics, run_cli, tiny_overrides
 
 
 @pytest.mark.slow
@@ -44,7 +29,7 @@ def test_killed_rank_one_line_per_survivor_then_the_run_resumes(tmp_path):
         while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 7):
             time.sleep(0.2)
         time.sleep(random.uniform(0, 0.6))  # anywhere inside a step, not at its boundary
-        pids = worker_pids(str(tmp_path))
+        pids = rank_pids(proc.pid)
         assert len(pids) == 4, pids
         os.kill(random.choice(pids), signal.SIGKILL)
         out, _ = proc.communicate(timeout=240)
