@@ -1,7 +1,8 @@
 """`dist-train local`: N simulated ranks on this machine under torch's elastic agent.
 
 The agent is torch's `LocalElasticAgent`, the engine behind torchrun, so the workers see
-exactly torchrun's environment and run `python -m dist_train train`. `--nodes K` starts K
+exactly torchrun's environment and run `dist-train train`, forked from a pre-imported
+server rather than exec'd (launchers/rank_server.py). `--nodes K` starts K
 agents, each owning N/K workers and meeting through the c10d rendezvous like real nodes;
 every worker then sees LOCAL_WORLD_SIZE = N/K, which is what node-aware code
 (hierarchical all-to-all, C4 link naming) keys on. Several agents number their restarts
