@@ -421,14 +421,24 @@ class Trainer:
         return seconds
 
     # ---- one step -----------------------------------------------------------------------
+    @property
+    def norm_by_stage(self) -> bool:
+        """Pipelined and not clipping: the gradient norm is only reported, so no stage waits
+        for the others' squares (under placement = auto that all-reduce over pp would be the
+        one collective crossing clusters); each rank measures its stages' norm and
+        `_grad_norm` adds the stages' squares up from the gathered metrics."""
+        return self.cfg.train.grad_clip == 0 and self.par.pp_group is not None and self.dims.pp > 1
+
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step over this rank's micro-batches; returns (local mean loss, grad norm).
-        Ranks without the last pipeline stage return a NaN loss (they compute none)."""
+        """One optimizer step over this rank's micro-batches; returns (local mean loss, grad
+        norm: the model's, or this rank's stages' if `norm_by_stage`). Ranks without the last
+        pipeline stage return a NaN loss (they compute none)."""
         micro_batches = [self.dataset.batch(idx) for idx in self.sampler.next_step()]
         loss = (self._pipeline_step if self.par.schedule is not None else self._accumulate)(micro_batches)
         params = list(self.model.parameters())
         reduce_partial_grads(params)
-        grad_norm = clip_grad_norm_(params, self.cfg.train.grad_clip, pp_group=self.par.pp_group)
+        pp_group = None if self.norm_by_stage else self.par.pp_group
+        grad_norm = clip_grad_norm_(params, self.cfg.train.grad_clip, pp_group=pp_group)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -471,9 +481,10 @@ class Trainer:
         """This rank's numbers for the step just taken (metrics.py gathers them)."""
         stats = StepStats()
         stats.add("loss", loss.item())
-        if self.grad_squares is not None:  # the noise scale's two squared norms (dist_train/noise_scale.py)
+        stats.add("grad_sq", grad_norm ** 2)  # the model's squared norm, or this rank's stages' (norm_by_stage)
+        stats.add("grad_replica", self.mesh["diloco"].get_local_rank())
+        if self.grad_squares is not None:  # the noise scale's small-batch squares (dist_train/noise_scale.py)
             stats.add("gns_small_sq", self.grad_squares.take())  # sum over this rank's micro-batches
-            stats.add("gns_big_sq", grad_norm ** 2)  # the step's (this replica's) gradient
         stats.add("eval_loss", eval_loss)
         stats.add("peak_memory_bytes", peak_memory_bytes(self.device))
         stats.add("step_time_s", step_time)
@@ -523,7 +534,7 @@ class Trainer:
             "tokens": tokens * step,
             "tokens_per_s": tokens / step_time,
             "mfu": mfu(tokens / step_time, self.flops_per_token, self.dims.world_size, self.peak_flops),
-            "grad_norm": local["grad_norm"],
+            "grad_norm": self._grad_norm(g) if self.norm_by_stage else local["grad_norm"],
             **self._noise_record(g),
             "step_time_s": step_time,
             "peak_memory_bytes": int(g.column("peak_memory_bytes").max()),
@@ -565,6 +576,13 @@ class Trainer:
             record["compile_s"] = local["compile_s"]
         return record
 
+    def _grad_norm(self, g: GatheredStats) -> float:
+        """The model's gradient norm from the stages' squares (`norm_by_stage`): the rows of
+        rank 0's replica, where every stage's square is held by the same number of ranks."""
+        replica = g.column("grad_replica")
+        mine = replica == replica[0]
+        return math.sqrt(float(g.column("grad_sq")[mine].sum()) * self.dims.pp / int(mine.sum()))
+
     def _noise_record(self, g: GatheredStats) -> dict:
         """`noise_scale` (and its raw numbers) from the gathered squares: the mean over all
         the step's micro-batches of |g_j|^2 (pipeline stages' pieces add up, data-parallel
@@ -575,7 +593,8 @@ class Trainer:
             return self.noise.update(math.nan, math.nan)  # not available: null
         t = self.cfg.train
         small = float(g.column("gns_small_sq").sum()) / (t.global_batch // t.micro_batch)
-        return self.noise.update(small, float(g.column("gns_big_sq").mean()))
+        big = float(g.column("grad_sq").mean()) * (self.dims.pp if self.norm_by_stage else 1)  # each stage's pp-th
+        return self.noise.update(small, big)
 
     def _outer_record(self, o, step: int) -> dict:
         """DiLoCo's part of a record (every rank decides the same, so this rank's says it)."""

@@ -13,7 +13,7 @@ from dist_train.config import ConfigError, load_config
 from dist_train.layout import preflight
 from dist_train.topology import Topology, build_topology, monotone, place
 from tests.conftest import read_metrics, run_cli, sweep
-from tests.equivalence import assert_values_match
+from tests.equivalence import C_GRAD, assert_values_match
 
 TOKENS = 16 * 128  # global batch x seq_len
 INTERLEAVED = Topology(8, 2, (0, 1, 0, 1), ("a", "b"), {})  # nodes 0, 2 in cluster a; 1, 3 in b
@@ -101,18 +101,20 @@ def _link(record, cls, kind):
 
 def test_placements_on_two_simulated_clusters(tmp_path):
     """One launch of 8 ranks on 4 nodes, the interleaved two-cluster topology with a slowed
-    inter-cluster link, pp = 2 x dp_shard = 4: ordered (2 steps, checkpoint), auto (4 steps),
-    then the ordered run resumed under auto to step 4.
-    - auto: nothing but the pipeline's send/recv and the one all-reduce of the global
-      gradient norm over pp (4 bytes a rank) crosses clusters; no all-gather, reduce-scatter
-      or all-to-all; ordered reduce-scatters and all-gathers across them;
+    inter-cluster link, pp = 2 x dp_shard = 4, no clipping: ordered (2 steps, checkpoint),
+    auto (4 steps), then the ordered run resumed under auto to step 4; and auto clipping (2).
+    - auto: nothing but the pipeline's send/recv crosses clusters (no all-gather,
+      reduce-scatter, all-reduce or all-to-all); clipping adds the one all-reduce of the
+      global gradient norm over pp (4 bytes a rank), and its norm is the one the stages'
+      squares add up to without it; ordered reduce-scatters and all-gathers across clusters;
     - every op is counted under exactly one class (the classes add up to `comm`);
     - the losses agree across placements, and after resuming under the other placement."""
     (tmp_path / "t.toml").write_text(TOPOLOGY)
-    common = {"topology.file": str(tmp_path / "t.toml"), "parallel.pp": 2}
+    common = {"topology.file": str(tmp_path / "t.toml"), "parallel.pp": 2, "train.grad_clip": 0.0}
     runs = {"ordered": {"parallel.placement": "ordered", "train.steps": 2, "checkpoint.every": 2},
             "auto": {"parallel.placement": "auto", "train.steps": 4, "checkpoint.every": 0},
-            "ordered ": {"parallel.placement": "auto", "train.steps": 4, "checkpoint.every": 0}}  # resumed
+            "ordered ": {"parallel.placement": "auto", "train.steps": 4, "checkpoint.every": 0},  # resumed
+            "clip": {"parallel.placement": "auto", "train.steps": 2, "checkpoint.every": 0, "train.grad_clip": 1.0}}
     out = sweep(tmp_path, 8, runs, common, nodes=4)
     assert "placement: auto" in out.stdout and "pp: [0,2] [1,3] [4,6] [5,7] over inter_cluster" in out.stdout
     assert "topology: simulating inter_cluster (1 ms, 0.2 Gbit/s)" in out.stdout
@@ -128,12 +130,16 @@ def test_placements_on_two_simulated_clusters(tmp_path):
         for kind, c in r["comm"].items():
             assert sum(r["comm_by_link"][cls][kind]["count"] for cls in r["comm_by_link"]) == c["count"], (r["step"], kind)
             assert sum(r["comm_by_link"][cls][kind]["bytes"] for cls in r["comm_by_link"]) == c["bytes"], (r["step"], kind)
-    for r in auto + ordered[2:]:  # under auto
+    clip = read_metrics(tmp_path / "clip")
+    for r in auto + ordered[2:] + clip:  # under auto
         for kind in ("all_gather", "reduce_scatter", "all_to_all"):
             assert _link(r, "inter_cluster", kind) == {"count": 0, "bytes": 0}, (r["step"], kind)
-        assert _link(r, "inter_cluster", "all_reduce") == {"count": 8, "bytes": 8 * 4}, r["step"]  # the grad norm
+        clipping = r in clip  # the global norm's all-reduce over pp, 4 bytes from each of the 8 ranks
+        assert _link(r, "inter_cluster", "all_reduce") == {"count": 8 * clipping, "bytes": 32 * clipping}, r["step"]
         assert _link(r, "inter_cluster", "send_recv")["count"] > 0
         assert _link(r, "intra_cluster", "reduce_scatter")["count"] > 0
+    assert_values_match([clip[0]["grad_norm"]], [auto[0]["grad_norm"]], TOKENS, "step 1's norm: clipping vs not",
+                        C_GRAD)
     for r in ordered[:2]:
         assert _link(r, "inter_cluster", "all_gather")["count"] > 0
         assert _link(r, "inter_cluster", "reduce_scatter")["count"] > 0
