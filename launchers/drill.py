@@ -90,6 +90,13 @@ def make_drill(spec: str, nproc: int, tag: str = "", jitter_steps: int = 40, pp:
         sets["train.global_batch"] = 2 * nproc  # one micro-batch per rank: long runs stay short
     # one-shot faults need a checkpoint just before them to restart from; the rest only the final one
     sets["checkpoint.every"] = 2 if kind in RESTARTS else steps
+    if kind == "sigstop":
+        # The outside hand stops the rank once its published state (every 0.2 s, read every
+        # 0.2 s) shows step S while training. Tiny steps take ~60 ms here, so with a
+        # checkpoint every 2 steps each publication could fall in a checkpoint write and the
+        # stop came 15 steps late or after the run ended: checkpoint at S, then train.
+        steps = inj.step + 20
+        sets["checkpoint.every"] = max(inj.step, 4)
     if kind == "slow_link":
         if pp == 1:  # a layout with sibling pairs of ranks; a pipeline brings its own
             sets.update(link_layout(nproc))
