@@ -3,22 +3,24 @@
 1. Device figures, measured once here and written to two files the planner reads: the
    topology (OUT/cpu-topology.toml, dist_train/topology.py's [topology] schema, the file
    `dist-train local --topology` takes: 1 node, links.intra_node in Gbit/s and ms) and the
-   device (OUT/cpu-device.toml: [device] peak_tflops, memory_gb, baseline_gb, efficiency, overlap):
+   device (OUT/cpu-device.toml: [device] peak_tflops, memory_gb, baseline_gb, efficiency, overlap,
+   cores):
    - peak FLOP/s per rank: NPROC processes at once (one thread each, as the ranks run), each
      timing fp32 matmuls of 1024 x 1024 x 1024 (2 n^3 FLOPs each); the median process's rate;
    - the gloo loopback link: NPROC ranks all-reduce 1 float (latency = time / (2 (n - 1))
      ring steps) and 4 Mi floats (bandwidth = 2 (n - 1)/n x bytes / (time - small time));
-   - the framework baseline: the peak_memory_bytes (max RSS over ranks) of a NPROC-rank run of
-     a model with next to no parameters (dim 8, 1 block, one sample of 16 tokens per rank),
-     less the planner's own count for that run.
-2. Each layout as its own `dist-train local` launch (peak RSS is a process's lifetime
-   maximum, so layouts cannot share a launch), a few steps; measured peak_memory_bytes (last
-   record: max over ranks and steps) and median tokens_per_s over the steps after the first.
+   - the cores the ranks share: this process's CPU affinity;
+   - the framework baseline: the peak_allocated_bytes (the heap in use, dist_train/heap_peak.py;
+     max over ranks) of a NPROC-rank run of a model with next to no parameters (dim 8, 1 block,
+     one sample of 16 tokens per rank), less the planner's own count for that run.
+2. Each layout as its own `dist-train local` launch (both peaks are a process's lifetime
+   maximum, so layouts cannot share a launch), a few steps; measured peak_allocated_bytes and,
+   for comparison, peak_memory_bytes (max RSS) of the last record (max over ranks and steps),
+   and median tokens_per_s over the steps after the first.
 3. The planner's prediction for each, with those files; prints the table (markdown) and
    whether the fastest layout measured is the one predicted fastest.
 
 Run:  OMP_NUM_THREADS=1 .venv/bin/python bench/planner.py [--out /tmp/planner-bench] [--steps 4]
-      --mmap-threshold 131072: the ranks' RSS without glibc's freed-heap slack (see docs/benchmarks.md)
       --device-from OUT: reuse the peak (OUT/cpu-device.toml) and link (OUT/cpu-topology.toml) an
       earlier run measured; --reverse: layouts in reverse order
 The launches themselves get no --topology (`dist-train local` would slow the ranks down to its links).
@@ -164,18 +166,12 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="folder for the runs, the topology file and the device file")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--only", nargs="*", help="layout names to run (default: all)")
-    ap.add_argument("--mmap-threshold", type=int, default=0, metavar="BYTES",
-                    help="run the ranks with glibc's MALLOC_MMAP_THRESHOLD_ fixed at BYTES: every allocation "
-                         "above it is mmapped and returned when freed, so the peak RSS counts live tensors, not "
-                         "freed heap memory glibc keeps (default: glibc's dynamic threshold)")
     ap.add_argument("--reverse", action="store_true", help="run the layouts in reverse order (the load of a shared "
                                                                "machine drifts: a second run in the other order shows it)")
     ap.add_argument("--device-from", metavar="DIR",
                     help="reuse the peak (DIR/cpu-device.toml) and link (DIR/cpu-topology.toml) figures of an "
                          "earlier run's --out folder (the baseline is always measured again)")
     args = ap.parse_args()
-    if args.mmap_threshold:
-        ENV["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
     root = Path(args.out or tempfile.mkdtemp(prefix="planner-bench-"))
     root.mkdir(parents=True, exist_ok=True)
 
@@ -194,15 +190,16 @@ def main() -> None:
     else:
         peak = measure_peak()
         bw, lat = measure_link()
-    if args.mmap_threshold:
-        print(f"ranks run with MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}", flush=True)
+    cores = len(os.sched_getaffinity(0))
     print(f"peak per rank ({NPROC} processes at once, fp32 1024^3 matmul): {peak / 1e9:.2f} GFLOP/s", flush=True)
     print(f"gloo loopback ({NPROC} ranks, all_reduce): {bw * 8 / 1e9:.3f} Gbit/s ({bw / 1e9:.3f} GB/s), "
-          f"{lat * 1e3:.4f} ms per hop", flush=True)
+          f"{lat * 1e3:.4f} ms per hop; {cores} cores for the {NPROC} ranks", flush=True)
     # baseline: a near-empty model's run, less the planner's count of it (with no baseline)
     base_over = {**BASELINE_MODEL, "parallel.dp_shard": NPROC}
     recs = launch(root, "baseline", base_over, 3)
-    measured_base = recs[-1]["peak_memory_bytes"]
+    measured_base = recs[-1]["peak_allocated_bytes"]
+    if measured_base < 0:
+        raise SystemExit("peak_allocated_bytes is -1: this libc has no mallinfo2 (glibc >= 2.33 is needed)")
     topo_path, dev_path = root / "cpu-topology.toml", root / "cpu-device.toml"
     # the gloo loopback as dist_train/topology.py's intra_node class: Gbit/s and ms
     topo_path.write_text(
@@ -214,7 +211,7 @@ def main() -> None:
         dev_path.write_text(
             "# measured by bench/planner.py on this machine (per rank)\n"
             f"[device]\nname = \"cpu\"\npeak_tflops = {peak / 1e12:.6f}\nmemory_gb = {20 / NPROC:.1f}\n"
-            f"baseline_gb = {baseline / GB:.4f}\nefficiency = 1.0\noverlap = false\n")
+            f"baseline_gb = {baseline / GB:.4f}\nefficiency = 1.0\noverlap = false\ncores = {cores}\n")
 
     write_device(0.0)
     own = memory_per_rank(planner_cfg(base_over, topo_path), Layout(dp_shard=NPROC, micro_batch=1),
@@ -234,30 +231,30 @@ def main() -> None:
         over = layout_sets(spec)
         t0 = time.perf_counter()
         recs = launch(root, name, over, args.steps)
-        mem = recs[-1]["peak_memory_bytes"]
+        mem, rss = recs[-1]["peak_allocated_bytes"], recs[-1]["peak_memory_bytes"]
         tps = statistics.median(r["tokens_per_s"] for r in recs[1:])
         cfg = planner_cfg({**MODEL, **over}, topo_path)
         tp, pp, sched, dpr, dps, mb, ac = spec
         est = estimate(cfg, Layout(tp, pp, sched, dpr, dps, 1, mb, ac), topo)
-        rows.append((name, est, mem, tps))
-        print(f"{name}: measured {mem / 2**20:.0f} MiB, {tps:.0f} tokens/s; predicted {est.memory.peak / 2**20:.0f} "
+        rows.append((name, est, mem, tps, rss))
+        print(f"{name}: measured {mem / 2**20:.0f} MiB (RSS {rss / 2**20:.0f}), {tps:.0f} tokens/s; predicted {est.memory.peak / 2**20:.0f} "
               f"MiB, {est.tokens_per_s:.0f} tokens/s ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    print("\n| layout | predicted MiB | measured MiB | error | predicted tokens/s | measured tokens/s | "
-          "predicted rank | measured rank |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| layout | predicted MiB | measured MiB (heap) | error | max RSS MiB | predicted tokens/s | "
+          "measured tokens/s | predicted rank | measured rank |")
+    print("|---|---|---|---|---|---|---|---|---|")
     by_pred = sorted(rows, key=lambda r: -r[1].tokens_per_s)
     by_meas = sorted(rows, key=lambda r: -r[3])
-    for name, est, mem, tps in rows:
+    for name, est, mem, tps, rss in rows:
         err = (est.memory.peak - mem) / mem
-        print(f"| {name} | {est.memory.peak / 2**20:.0f} | {mem / 2**20:.0f} | {100 * err:+.1f}% | "
+        print(f"| {name} | {est.memory.peak / 2**20:.0f} | {mem / 2**20:.0f} | {100 * err:+.1f}% | {rss / 2**20:.0f} | "
               f"{est.tokens_per_s:.0f} | {tps:.0f} | {1 + [r[0] for r in by_pred].index(name)} | "
               f"{1 + [r[0] for r in by_meas].index(name)} |")
-    print(f"\nmax |memory error| {100 * max(abs(e.memory.peak - m) / m for _, e, m, _ in rows):.1f}%; "
+    print(f"\nmax |memory error| {100 * max(abs(e.memory.peak - m) / m for _, e, m, _, _ in rows):.1f}%; "
           f"fastest predicted {by_pred[0][0]}, fastest measured {by_meas[0][0]}: "
           f"{'agree' if by_pred[0][0] == by_meas[0][0] else 'DISAGREE'}")
     print("\nmemory parts of the predicted rank (MiB):")
-    for name, est, _, _ in rows:
+    for name, est, *_ in rows:
         print(f"  {name} (pp rank {est.memory.pp_rank}): " +
               ", ".join(f"{k} {v / 2**20:.0f}" for k, v in est.memory.parts.items()))
 

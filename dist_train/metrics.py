@@ -187,6 +187,15 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def peak_allocated_bytes(device: torch.device, heap) -> int:
+    """The peak held by live allocations: the CUDA allocator's on GPU (as peak_memory_bytes),
+    on CPU the heap in use sampled at the blocks (dist_train/heap_peak.py); -1 where glibc's
+    mallinfo2 is missing."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return heap.peak if heap is not None and heap.available else -1
+
+
 def flatten(record: dict, sep: str = "/", prefix: str = "") -> dict:
     """Nested dicts as one level, keys joined with "/" as the TensorBoard tags here
     (`comm/all_gather/bytes`); lists and other values as they are, null included, and an

@@ -59,10 +59,11 @@ Memory per rank (the rank that peaks: every pipeline rank is evaluated, the maxi
     the head: m under gpipe / layered, else 1
   peak = baseline + weights + optimizer + max(grads + FSDP transients + activations,
          grads + 4 P_r / d (the foreach AdamW step's temporary, sqrt(v)))
-  baseline: the framework's own memory (device figure): on CPU peak_memory_bytes is the
-  process's max RSS, which counts the Python interpreter, torch, gloo and the data loader;
-  it is measured once (bench/planner.py: a run of a model with next to no parameters) and
-  given in the device file (baseline_gb); on GPU the CUDA allocator's peak excludes the context: 0.
+  baseline: the framework's own memory (device figure) in what the peak is checked against,
+  the record's peak_allocated_bytes: on CPU the heap in use (dist_train/heap_peak.py), which
+  counts torch's, gloo's and the data loader's own allocations; it is measured once
+  (bench/planner.py: a run of a model with next to no parameters) and given in the device
+  file (baseline_gb); on GPU the CUDA allocator's peak excludes the context: 0.
 
 Step time (one optimizer step)
   FLOPs per token: model.flops_per_token (6 x matmul parameters + 12 L h s attention;
@@ -92,7 +93,13 @@ Step time (one optimizer step)
   bubble: gpipe and 1f1b (p - 1)/(m + p - 1) of the pipelined time, i.e. the compute and tp
   time grow by (p - 1)/m; interleaved by (p - 1)/(v m) (Narayanan et al. 2021); layered
   (breadth first over L/p stages per rank, Lamy-Poirier 2022) by (p - 1)/(m L / p)
-  T = (T_c + T_tp + T_ep + T_p2p) x (1 + bubble) + exposed data-parallel time, where the
+  ranks sharing cores (device.cores, CPU: a node's n ranks on c < n cores, so the measured
+  per-rank peak is a core's rate x c / n): a rank waiting in the bubble yields its core to
+  the busy ones, and the pipelined time is the larger of the node's total work over its cores
+  (the busy time B) and the critical path at a core per rank, B (1 + bubble) c / n (the
+  work and span bounds of a greedy scheduler, Brent 1974): B max(1, (1 + bubble) c / n);
+  with a device per rank (GPUs, cores = 0) B (1 + bubble)
+  T = pipelined time + exposed data-parallel time, where the
   data-parallel collectives (FSDP gathers, reduce-scatters, HSDP all-reduce) are hidden
   behind compute on devices that overlap them (GPU: separate streams), exposed = max(0,
   T_dp - T_c), and fully exposed on CPU (gloo runs on the cores that compute)
@@ -124,9 +131,10 @@ line naming it):
     name = "cpu"
     peak_tflops = 0.05    # per rank, in the compute dtype (needed on cpu)
     memory_gb = 5.0       # per rank (needed on cpu)
-    baseline_gb = 0.3     # framework memory counted by the peak (CPU: RSS of a near-empty run); 0
+    baseline_gb = 0.3     # framework memory counted by the peak (CPU: the heap of a near-empty run); 0
     efficiency = 1.0      # fraction of peak the matmuls reach (cpu 1.0, GPUs 0.75; --efficiency wins)
     overlap = false       # data-parallel collectives overlap compute (cpu false, GPUs true)
+    cores = 2             # cores the ranks of a node share (cpu; absent or 0: a device per rank)
 """
 from __future__ import annotations
 
@@ -169,6 +177,7 @@ class Device:
     overlap: bool = True
     kernels: str = "triton"  # which ops' saved tensors the activation model counts
     dtype_bytes: int = 2
+    cores: int = 0           # cores a node's ranks share (CPU); 0: every rank has its own device
 
 
 # Datasheet memory; links in topology.py's classes and units (Gbit/s, ms): intra_node =
@@ -189,7 +198,7 @@ GPU_PRESETS = {
 PRESET_LATENCY_MS = {"intra_node": 0.003, "intra_cluster": 0.010}
 GPUS_PER_NODE = 8  # the presets' nodes (without --nodes or topology.nodes)
 GPU_CHOICES = (*GPU_PRESETS, "cpu")
-DEVICE_FIELDS = ("name", "peak_tflops", "memory_gb", "baseline_gb", "efficiency", "overlap")
+DEVICE_FIELDS = ("name", "peak_tflops", "memory_gb", "baseline_gb", "efficiency", "overlap", "cores")
 
 
 def preset_links(gpu: str) -> dict:
@@ -297,6 +306,10 @@ def load_device(path: str | Path | None, gpu: str, efficiency: float | None = No
     overlap = dev_raw.get("overlap", gpu != "cpu")
     if not isinstance(overlap, bool):
         raise UserError(f"{where}: device.overlap = {overlap!r} must be true or false")
+    cores = dev_raw.get("cores", 0)
+    if isinstance(cores, bool) or not isinstance(cores, int) or cores < 0:
+        raise UserError(f"{where}: device.cores = {cores!r} must be a whole number of cores the ranks of a node "
+                        "share (0 or absent: a device per rank)")
     base = _preset_device(gpu, None) if gpu != "cpu" else None
     cpu = gpu == "cpu"
     eff = efficiency if efficiency is not None else number("efficiency", default=1.0 if cpu else 0.75)
@@ -306,7 +319,7 @@ def load_device(path: str | Path | None, gpu: str, efficiency: float | None = No
                   number("peak_tflops", default=base.peak_flops / 1e12 if base else None) * 1e12,
                   number("memory_gb", default=base.memory_bytes / GB if base else None) * GB,
                   eff, number("baseline_gb", positive=False, default=0.0) * GB,
-                  overlap, "torch" if cpu else "triton", 4 if cpu else 2)
+                  overlap, "torch" if cpu else "triton", 4 if cpu else 2, cores)
 
 
 def network(cfg: Config, gpus: int, gpu: str = "h100", nodes: int | None = None, device_file=None,
@@ -669,9 +682,13 @@ def step_time(cfg: Config, lay: Layout, topo: Network, a=None) -> tuple[float, d
     else:
         bubble = 0.0
     exposed_dp = max(0.0, t_dp - t_c) if dev.overlap else t_dp
-    total = (t_c + t_tp + t_ep + t_p2p) * (1 + bubble) + exposed_dp
+    busy = t_c + t_tp + t_ep + t_p2p
+    # ranks sharing cores: a rank waiting in the bubble yields its core to the busy ones
+    sharing = topo.gpus_per_node / dev.cores if dev.cores and topo.gpus_per_node > dev.cores else 1.0
+    pipelined = busy * max(1.0, (1 + bubble) / sharing)
+    total = pipelined + exposed_dp
     return total, {"compute": t_c, "tp": t_tp, "dp": t_dp, "dp_exposed": exposed_dp, "pp_p2p": t_p2p, "ep": t_ep,
-                   "bubble": (t_c + t_tp + t_ep + t_p2p) * bubble, "bubble_fraction": bubble / (1 + bubble)}
+                   "bubble": pipelined - busy, "bubble_fraction": (pipelined - busy) / pipelined if busy else 0.0}
 
 
 def estimate(cfg: Config, lay: Layout, topo: Network, a=None) -> Estimate:

@@ -38,8 +38,9 @@ from .checkpoint import Checkpointer
 from .config import Config, ConfigError, resolve_dtypes
 from .distributed import RankEnv, init_distributed, pick_device
 from .failures import PeerLost, peer_lost
+from .heap_peak import HeapPeak
 from .layout import preflight
-from .metrics import GatheredStats, MetricsLog, MetricsWriter, StepStats, peak_memory_bytes
+from .metrics import GatheredStats, MetricsLog, MetricsWriter, StepStats, peak_allocated_bytes, peak_memory_bytes
 from .mfu import device_name, mfu, peak_flops
 from .model import ModelArgs, count_params, flops_per_token
 from .noise_scale import MicroBatchSquares, NoiseScale
@@ -202,6 +203,10 @@ class Trainer:
         moe.set_aux_grad_scale(self.par.parts, 1.0 if pipelined else 1.0 / self.sampler.num_micro_batches,
                                pipelined=pipelined)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
+        # CPU: the live-allocation peak, sampled at the blocks (CUDA's allocator keeps its own)
+        self.heap = HeapPeak() if self.device.type == "cpu" else None
+        if self.heap is not None and self.heap.available:
+            self.heap.watch(self.model, inside_blocks=not cfg.train.compile)
         self.noise, self.grad_squares = self._setup_noise_scale(pipelined) if cfg.metrics.noise_scale else (None, None)
         # Forward runs in the dtype of the parameters it sees: FSDP2's gathered ones (param_dtype),
         # or without FSDP the fp32 weights themselves. Where that is not the compute dtype
@@ -435,14 +440,20 @@ class Trainer:
         pipeline stage return a NaN loss (they compute none)."""
         micro_batches = [self.dataset.batch(idx) for idx in self.sampler.next_step()]
         loss = (self._pipeline_step if self.par.schedule is not None else self._accumulate)(micro_batches)
+        self._sample_heap()
         params = list(self.model.parameters())
         reduce_partial_grads(params)
         pp_group = None if self.norm_by_stage else self.par.pp_group
         grad_norm = clip_grad_norm_(params, self.cfg.train.grad_clip, pp_group=pp_group)
         self.optimizer.step()
+        self._sample_heap()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm
+
+    def _sample_heap(self) -> None:
+        if self.heap is not None:
+            self.heap.sample()
 
     def _accumulate(self, micro_batches) -> torch.Tensor:
         """Plain (depth-first) gradient accumulation: each micro-batch through the whole model."""
@@ -453,6 +464,7 @@ class Trainer:
             with self.autocast:
                 loss = self._forward(inputs, targets) / n
             loss.backward()
+            self._sample_heap()
             loss_sum += loss.detach().float()
         return loss_sum
 
@@ -487,6 +499,7 @@ class Trainer:
             stats.add("gns_small_sq", self.grad_squares.take())  # sum over this rank's micro-batches
         stats.add("eval_loss", eval_loss)
         stats.add("peak_memory_bytes", peak_memory_bytes(self.device))
+        stats.add("peak_allocated_bytes", peak_allocated_bytes(self.device, self.heap))
         stats.add("step_time_s", step_time)
         stats.add("idle_s", self._idle_s(step_time))
         if self.outer is not None:  # after an outer step every replica holds the same global state
@@ -538,6 +551,7 @@ class Trainer:
             **self._noise_record(g),
             "step_time_s": step_time,
             "peak_memory_bytes": int(g.column("peak_memory_bytes").max()),
+            "peak_allocated_bytes": int(g.column("peak_allocated_bytes").max()),
             "bubble_fraction": float((g.column("idle_s") / g.column("step_time_s")).mean()),
             "comm": g.comm(),
             "comm_by_dim": g.comm_by_dim(),

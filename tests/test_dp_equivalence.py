@@ -178,6 +178,8 @@ def test_run_dir_layout(runs):
     record = read_metrics(run)[0]
     for key in ("step", "loss", "lr", "tokens", "tokens_per_s", "grad_norm", "step_time_s", "peak_memory_bytes", "comm"):
         assert key in record
+    # CPU: the heap in use at the samples (dist_train/heap_peak.py), below the RSS that also keeps freed memory
+    assert 0 < record["peak_allocated_bytes"] < record["peak_memory_bytes"]
 
 
 def test_corrupted_latest_falls_back_to_previous(runs, tmp_path):

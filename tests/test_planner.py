@@ -164,6 +164,24 @@ def test_bubble_shrinks_with_micro_batches(tmp_path):
     assert frac(16, "interleaved") == pytest.approx((3 / 32) / (1 + 3 / 32))  # / v
 
 
+def test_ranks_sharing_cores_fill_the_bubble(tmp_path):
+    """device.cores < ranks on the node: a rank in the bubble yields its core, so the time is
+    max(busy, busy (1 + bubble) c / n); with a core per rank the full bubble is paid."""
+    (tmp_path / "shared").mkdir()
+    own, shared = cpu_network(tmp_path), cpu_network(tmp_path / "shared", cores=2)  # 4 ranks on one node
+    cfg = tiny("train.global_batch=16")
+    two = P.Layout(pp=2, schedule="gpipe", dp_shard=2, micro_batch=2)  # m = 4: bubble (p - 1)/m = 1/4
+    t_own, d_own = P.step_time(cfg, two, own)
+    t_sh, d_sh = P.step_time(cfg, two, shared)
+    assert d_own["bubble_fraction"] == pytest.approx(0.25 / 1.25)
+    assert d_sh["bubble"] == 0 and t_sh == pytest.approx(t_own - d_own["bubble"])  # 1.25 x 2/4 < 1
+    deep = P.Layout(pp=4, schedule="gpipe", micro_batch=16)  # m = 1: bubble 3, (1 + 3) x 2/4 = 2
+    assert P.step_time(cfg, deep, own)[1]["bubble_fraction"] == pytest.approx(3 / 4)
+    assert P.step_time(cfg, deep, shared)[1]["bubble_fraction"] == pytest.approx(1 / 2)
+    flat = P.Layout(dp_shard=4, micro_batch=4)  # no pipeline: nothing changes
+    assert P.step_time(cfg, flat, own)[0] == P.step_time(cfg, flat, shared)[0]
+
+
 def test_recompute_costs_a_forward(tmp_path):
     topo = cpu_network(tmp_path)
     cfg = tiny()
@@ -264,7 +282,8 @@ def test_topology_and_device_errors_are_one_line(tmp_path):
                       ("memory_gb = 5", r"device.peak_tflops is needed"),
                       ("peak_tflops = 1\nmemory_gb = 5\nbandwidth_gbps = 3", r"device.bandwidth_gbps is not a device "
                                                                             "field"),
-                      ("peak_tflops = 1\nmemory_gb = 5\noverlap = 1", r"device.overlap = 1 must be true or false")):
+                      ("peak_tflops = 1\nmemory_gb = 5\noverlap = 1", r"device.overlap = 1 must be true or false"),
+                      ("peak_tflops = 1\nmemory_gb = 5\ncores = 1.5", r"device.cores = 1.5 must be a whole number")):
         bad.write_text("[device]\n" + text + "\n")
         with pytest.raises(UserError, match=msg):
             P.load_device(bad, "cpu")
