@@ -21,6 +21,7 @@
    whether the fastest layout measured is the one predicted fastest.
 
 Run:  OMP_NUM_THREADS=1 .venv/bin/python bench/planner.py [--out /tmp/planner-bench] [--steps 4]
+      --pool OUT...: the median tokens/s per layout over the steps of several earlier runs
       --device-from OUT: reuse the peak (OUT/cpu-device.toml) and link (OUT/cpu-topology.toml) an
       earlier run measured; --reverse: layouts in reverse order
 The launches themselves get no --topology (`dist-train local` would slow the ranks down to its links).
@@ -161,8 +162,29 @@ BASELINE_MODEL = {"model.dim": 8, "model.n_layers": 1, "model.n_heads": 2, "mode
                   "data.seq_len": 16, "train.global_batch": NPROC, "train.micro_batch": 1}
 
 
+def pooled(dirs: list[str]) -> None:
+    """Every step after the first of each layout over several runs' --out folders: the median
+    tokens/s per layout and the ranking by it (the machine's load drifts between runs)."""
+    rates = {}
+    for d in dirs:
+        for name in LAYOUTS:
+            f = Path(d) / name / "metrics.jsonl"
+            if f.exists():
+                recs = [json.loads(line) for line in f.read_text().splitlines()]
+                rates.setdefault(name, []).extend(r["tokens_per_s"] for r in recs[1:])
+    if not rates:
+        raise SystemExit(f"--pool: no layout runs under {' '.join(dirs)}")
+    order = sorted(rates, key=lambda n: -statistics.median(rates[n]))
+    print("| layout | steps pooled | median tokens/s | rank |\n|---|---|---|---|")
+    for name in rates:
+        print(f"| {name} | {len(rates[name])} | {statistics.median(rates[name]):.0f} | {1 + order.index(name)} |")
+    print(f"\nfastest measured over {len(dirs)} runs: {order[0]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pool", nargs="+", metavar="OUT", help="print the median tokens/s of every layout over the "
+                                                              "steps of these earlier runs' --out folders, and stop")
     ap.add_argument("--out", default=None, help="folder for the runs, the topology file and the device file")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--only", nargs="*", help="layout names to run (default: all)")
@@ -172,6 +194,8 @@ def main() -> None:
                     help="reuse the peak (DIR/cpu-device.toml) and link (DIR/cpu-topology.toml) figures of an "
                          "earlier run's --out folder (the baseline is always measured again)")
     args = ap.parse_args()
+    if args.pool:
+        return pooled(args.pool)
     root = Path(args.out or tempfile.mkdtemp(prefix="planner-bench-"))
     root.mkdir(parents=True, exist_ok=True)
 
