@@ -10,6 +10,9 @@
    - the gloo loopback link: NPROC ranks all-reduce 1 float (latency = time / (2 (n - 1))
      ring steps) and 4 Mi floats (bandwidth = 2 (n - 1)/n x bytes / (time - small time));
    - the cores the ranks share: this process's CPU affinity;
+   - the synchronisation floor: NPROC ranks run rounds of matmuls (~2.7 ms each here, about
+     what tp computes between two collectives), with and without a 1-float all-reduce after
+     each; the extra time per round (measured on every run, like the baseline);
    - the framework baseline: the peak_allocated_bytes (the heap in use, dist_train/heap_peak.py;
      max over ranks) of a NPROC-rank run of a model with next to no parameters (dim 8, 1 block,
      one sample of 16 tokens per rank), less the planner's own count for that run.
@@ -21,7 +24,8 @@
    whether the fastest layout measured is the one predicted fastest.
 
 Run:  OMP_NUM_THREADS=1 .venv/bin/python bench/planner.py [--out /tmp/planner-bench] [--steps 4]
-      --pool OUT...: the median tokens/s per layout over the steps of several earlier runs
+      --pool OUT...: the median tokens/s per layout over the steps of several earlier runs (with
+      --device-from DIR: beside the planner's prediction from DIR's files)
       --device-from OUT: reuse the peak (OUT/cpu-device.toml) and link (OUT/cpu-topology.toml) an
       earlier run measured; --reverse: layouts in reverse order
 The launches themselves get no --topology (`dist-train local` would slow the ranks down to its links).
@@ -130,6 +134,54 @@ def measure_link() -> tuple[float, float]:
     return bandwidth, latency
 
 
+SYNC_ROUNDS, SYNC_MATMULS = 60, 8  # rounds of 8 fp32 256^3 matmuls (~2.7 ms a rank here), as between tp's calls
+
+
+def _sync_worker(rank: int, port: int, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=NPROC)
+    a, x = torch.randn(256, 256), torch.zeros(1)
+
+    def rounds(sync: bool, n: int = SYNC_ROUNDS) -> float:
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            for _ in range(SYNC_MATMULS):
+                a @ a
+            if sync:
+                dist.all_reduce(x)
+        dist.barrier()
+        return time.perf_counter() - t0
+
+    rounds(True, 5)
+    free, synced = [], []
+    for _ in range(3):
+        free.append(rounds(False))
+        synced.append(rounds(True))
+    if rank == 0:
+        Path(out).write_text(json.dumps({"free": free, "synced": synced}))
+    dist.destroy_process_group()
+
+
+def measure_sync() -> float:
+    """Seconds one synchronising call costs when every rank computes between calls: the
+    median time of rounds of matmuls with a 1-float all-reduce after each, less the same
+    rounds without, per round (on ranks sharing cores: the wait for the last one scheduled)."""
+    import torch.multiprocessing as tmp
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from conftest import free_port
+
+    with tempfile.TemporaryDirectory() as d:
+        out = str(Path(d) / "sync.json")
+        tmp.spawn(_sync_worker, args=(free_port(), out), nprocs=NPROC)
+        res = json.loads(Path(out).read_text())
+    return max(0.0, (statistics.median(res["synced"]) - statistics.median(res["free"])) / SYNC_ROUNDS)
+
+
 # ----------------------------------------------------------------------------- runs
 
 
@@ -162,9 +214,10 @@ BASELINE_MODEL = {"model.dim": 8, "model.n_layers": 1, "model.n_heads": 2, "mode
                   "data.seq_len": 16, "train.global_batch": NPROC, "train.micro_batch": 1}
 
 
-def pooled(dirs: list[str]) -> None:
+def pooled(dirs: list[str], predict=None) -> None:
     """Every step after the first of each layout over several runs' --out folders: the median
-    tokens/s per layout and the ranking by it (the machine's load drifts between runs)."""
+    tokens/s per layout and the ranking by it (the machine's load drifts between runs);
+    `predict(name)`: the planner's tokens/s for a layout, printed beside it with its rank."""
     rates = {}
     for d in dirs:
         for name in LAYOUTS:
@@ -175,10 +228,33 @@ def pooled(dirs: list[str]) -> None:
     if not rates:
         raise SystemExit(f"--pool: no layout runs under {' '.join(dirs)}")
     order = sorted(rates, key=lambda n: -statistics.median(rates[n]))
-    print("| layout | steps pooled | median tokens/s | rank |\n|---|---|---|---|")
+    pred = {n: predict(n) for n in rates} if predict else {}
+    by_pred = sorted(pred, key=lambda n: -pred[n])
+    print("| layout | steps pooled | median tokens/s | rank |" + (" predicted tokens/s | rank |" if pred else "")
+          + "\n|---|---|---|---|" + ("---|---|" if pred else ""))
     for name in rates:
-        print(f"| {name} | {len(rates[name])} | {statistics.median(rates[name]):.0f} | {1 + order.index(name)} |")
-    print(f"\nfastest measured over {len(dirs)} runs: {order[0]}")
+        extra = f" {pred[name]:.0f} | {1 + by_pred.index(name)} |" if pred else ""
+        print(f"| {name} | {len(rates[name])} | {statistics.median(rates[name]):.0f} | {1 + order.index(name)} |{extra}")
+    print(f"\nfastest measured over {len(dirs)} runs: {order[0]}"
+          + (f"; fastest predicted {by_pred[0]}: {'agree' if by_pred[0] == order[0] else 'DISAGREE'}" if pred else ""))
+
+
+def _predictor(src: Path):
+    """The planner's tokens/s for a layout name, with the device and topology files in `src`."""
+    from dist_train.config import load_config
+    from dist_train.planner import Layout, estimate, network
+
+    def cfg(over: dict):
+        sets_ = [f"{k}={v}" for k, v in {**COMMON, **MODEL, **over}.items()]
+        return load_config(REPO / "configs/tiny.toml", sets_ + [f"topology.file={src / 'cpu-topology.toml'}"])
+
+    topo = network(cfg({}), NPROC, "cpu", device_file=src / "cpu-device.toml")
+
+    def predict(name: str) -> float:
+        tp, pp, sched, dpr, dps, mb, ac = LAYOUTS[name]
+        return estimate(cfg(layout_sets(LAYOUTS[name])), Layout(tp, pp, sched, dpr, dps, 1, mb, ac), topo).tokens_per_s
+
+    return predict
 
 
 def main() -> None:
@@ -195,7 +271,7 @@ def main() -> None:
                          "earlier run's --out folder (the baseline is always measured again)")
     args = ap.parse_args()
     if args.pool:
-        return pooled(args.pool)
+        return pooled(args.pool, _predictor(Path(args.device_from)) if args.device_from else None)
     root = Path(args.out or tempfile.mkdtemp(prefix="planner-bench-"))
     root.mkdir(parents=True, exist_ok=True)
 
@@ -215,9 +291,11 @@ def main() -> None:
         peak = measure_peak()
         bw, lat = measure_link()
     cores = len(os.sched_getaffinity(0))
+    sync = measure_sync()
     print(f"peak per rank ({NPROC} processes at once, fp32 1024^3 matmul): {peak / 1e9:.2f} GFLOP/s", flush=True)
     print(f"gloo loopback ({NPROC} ranks, all_reduce): {bw * 8 / 1e9:.3f} Gbit/s ({bw / 1e9:.3f} GB/s), "
-          f"{lat * 1e3:.4f} ms per hop; {cores} cores for the {NPROC} ranks", flush=True)
+          f"{lat * 1e3:.4f} ms per hop; {cores} cores for the {NPROC} ranks; a synchronising call between rounds "
+          f"of matmuls costs {sync * 1e3:.3f} ms", flush=True)
     # baseline: a near-empty model's run, less the planner's count of it (with no baseline)
     base_over = {**BASELINE_MODEL, "parallel.dp_shard": NPROC}
     recs = launch(root, "baseline", base_over, 3)
@@ -235,7 +313,8 @@ def main() -> None:
         dev_path.write_text(
             "# measured by bench/planner.py on this machine (per rank)\n"
             f"[device]\nname = \"cpu\"\npeak_tflops = {peak / 1e12:.6f}\nmemory_gb = {20 / NPROC:.1f}\n"
-            f"baseline_gb = {baseline / GB:.4f}\nefficiency = 1.0\noverlap = false\ncores = {cores}\n")
+            f"baseline_gb = {baseline / GB:.4f}\nefficiency = 1.0\noverlap = false\ncores = {cores}\n"
+            f"sync_ms = {sync * 1e3:.4f}\n")
 
     write_device(0.0)
     own = memory_per_rank(planner_cfg(base_over, topo_path), Layout(dp_shard=NPROC, micro_batch=1),

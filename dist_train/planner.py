@@ -75,9 +75,15 @@ Step time (one optimizer step)
   HSDP; fp32) on this rank's stage (L/p blocks), scaled to e bytes where the payload is in
   the compute dtype (tp activations, FSDP's gathered parameters), 4 bytes for the gradient
   reduce-scatter and all-reduce; layered pipelines gather each stage once for the forward
-  and once for the backward (2 x 4 P_r), not per micro-batch. A ring collective over n ranks
+  and once for the backward (2 x 4 P_r in 2 L/p + 1 calls), not per micro-batch (2 L/p + 1
+  calls per micro-batch: each block unit in forward and backward, the root once). A ring collective over n ranks
   moves (n - 1)/n of the gathered/scattered size per rank, an all-reduce 2 (n - 1)/n, and
-  pays (n - 1) link latencies per call:  T = wire bytes / bandwidth + calls x (n - 1) x latency
+  pays (n - 1) link latencies per call, or the device's sync floor if that is more:
+  T = wire bytes / bandwidth + calls x max((n - 1) x latency, sync); a p2p message pays
+  max(latency, sync). sync (device.sync_ms, 0 on the GPU presets): on ranks that share cores
+  a call waits for the last rank to be scheduled, which the idle-link latency does not see;
+  bench/planner.py measures it as the extra time per call of 1-float all-reduces between
+  rounds of matmuls on every rank, against the same rounds without them
   pipeline p2p: every micro-batch sends its activation forward and its gradient back at each
   of the rank's chunk boundaries (1; interleaved v; layered L/p): 2 m c e sbh / t bytes
   expert parallel (MoE): per MoE block and micro-batch 4 all-to-alls (dispatch and combine,
@@ -135,6 +141,7 @@ line naming it):
     efficiency = 1.0      # fraction of peak the matmuls reach (cpu 1.0, GPUs 0.75; --efficiency wins)
     overlap = false       # data-parallel collectives overlap compute (cpu false, GPUs true)
     cores = 2             # cores the ranks of a node share (cpu; absent or 0: a device per rank)
+    sync_ms = 2.0         # the least a synchronising call costs: the ranks' skew (cpu; 0: latency only)
 """
 from __future__ import annotations
 
@@ -178,6 +185,7 @@ class Device:
     kernels: str = "triton"  # which ops' saved tensors the activation model counts
     dtype_bytes: int = 2
     cores: int = 0           # cores a node's ranks share (CPU); 0: every rank has its own device
+    sync_s: float = 0.0      # the least one synchronising call (collective, send/recv) costs
 
 
 # Datasheet memory; links in topology.py's classes and units (Gbit/s, ms): intra_node =
@@ -198,7 +206,7 @@ GPU_PRESETS = {
 PRESET_LATENCY_MS = {"intra_node": 0.003, "intra_cluster": 0.010}
 GPUS_PER_NODE = 8  # the presets' nodes (without --nodes or topology.nodes)
 GPU_CHOICES = (*GPU_PRESETS, "cpu")
-DEVICE_FIELDS = ("name", "peak_tflops", "memory_gb", "baseline_gb", "efficiency", "overlap", "cores")
+DEVICE_FIELDS = ("name", "peak_tflops", "memory_gb", "baseline_gb", "efficiency", "overlap", "cores", "sync_ms")
 
 
 def preset_links(gpu: str) -> dict:
@@ -319,7 +327,8 @@ def load_device(path: str | Path | None, gpu: str, efficiency: float | None = No
                   number("peak_tflops", default=base.peak_flops / 1e12 if base else None) * 1e12,
                   number("memory_gb", default=base.memory_bytes / GB if base else None) * GB,
                   eff, number("baseline_gb", positive=False, default=0.0) * GB,
-                  overlap, "torch" if cpu else "triton", 4 if cpu else 2, cores)
+                  overlap, "torch" if cpu else "triton", 4 if cpu else 2, cores,
+                  number("sync_ms", positive=False, default=0.0) / 1e3)
 
 
 def network(cfg: Config, gpus: int, gpu: str = "h100", nodes: int | None = None, device_file=None,
@@ -606,11 +615,12 @@ def memory_per_rank(cfg: Config, lay: Layout, dev: Device, a=None) -> Memory:
 # ----------------------------------------------------------------------------- time
 
 
-def _ring(nbytes: float, kind: str, n: int, calls: int, link: Link) -> float:
+def _ring(nbytes: float, kind: str, n: int, calls: int, link: Link, sync: float = 0.0) -> float:
+    """Wire time plus, per call, its ring latency or the device's synchronisation floor."""
     if n <= 1:
         return 0.0
     factor = 2 * (n - 1) / n if kind == "all_reduce" else (n - 1) / n
-    return nbytes * factor / link.bandwidth + calls * (n - 1) * link.latency
+    return nbytes * factor / link.bandwidth + calls * max((n - 1) * link.latency, sync)
 
 
 @dataclass
@@ -635,6 +645,7 @@ def step_time(cfg: Config, lay: Layout, topo: Network, a=None) -> tuple[float, d
     world = lay.dp * lay.tp * lay.pp
     n_micro = gb // (lay.dp * lay.micro_batch)
     e = dev.dtype_bytes
+    sync = dev.sync_s
     fpt = flops_per_token(a, s)
     attn_fwd = 4.0 * a.n_layers * a.dim * s
     extra = fpt / 3 if lay.checkpoint == "full" else (attn_fwd if lay.checkpoint == "selective"
@@ -647,36 +658,37 @@ def step_time(cfg: Config, lay: Layout, topo: Network, a=None) -> tuple[float, d
     t_tp = 0.0
     if lay.tp > 1:
         link = links["tp"]
-        t_tp += _ring(tp_b["all_gather"] * e / 4, "all_gather", lay.tp, n_micro * (4 * L + 2), link)
-        t_tp += _ring(tp_b["reduce_scatter"] * e / 4, "reduce_scatter", lay.tp, n_micro * (4 * L + 2), link)
-        t_tp += _ring(tp_b["all_reduce"], "all_reduce", lay.tp, n_micro * 2, link)
+        t_tp += _ring(tp_b["all_gather"] * e / 4, "all_gather", lay.tp, n_micro * (4 * L + 2), link, sync)
+        t_tp += _ring(tp_b["reduce_scatter"] * e / 4, "reduce_scatter", lay.tp, n_micro * (4 * L + 2), link, sync)
+        t_tp += _ring(tp_b["all_reduce"], "all_reduce", lay.tp, n_micro * 2, link, sync)
     t_dp = 0.0
     if lay.dp > 1:
         full = dense_step_bytes(stage, lay.tp, lay.dp_shard, lay.dp_replicate, s, gb, lay.micro_batch)
         units = unit_params(stage, lay.tp)
         if lay.schedule == "layered" and lay.pipelined:  # one gather per pass, not per micro-batch
-            ag = 2 * sum(units) * 4
+            ag, ag_calls = 2 * sum(units) * 4, 2 * L + 1
         else:
-            ag = full["all_gather"] - tp_b.get("all_gather", 0)
+            ag, ag_calls = full["all_gather"] - tp_b.get("all_gather", 0), n_micro * (2 * L + 1)
         rs = sum(units) * 4 if lay.dp_shard > 1 else 0
         shard_link = links.get("dp_shard")
         if lay.dp_shard > 1:
-            t_dp += _ring(ag * e / 4, "all_gather", lay.dp_shard, n_micro * (2 * L + 1), shard_link)
-            t_dp += _ring(rs, "reduce_scatter", lay.dp_shard, L + 1, shard_link)
+            t_dp += _ring(ag * e / 4, "all_gather", lay.dp_shard, ag_calls, shard_link, sync)
+            t_dp += _ring(rs, "reduce_scatter", lay.dp_shard, L + 1, shard_link, sync)
         if lay.dp_replicate > 1:
             t_dp += _ring(sum(units) // lay.dp_shard * 4, "all_reduce", lay.dp_replicate, L + 1,
-                          links["dp_replicate"])
+                          links["dp_replicate"], sync)
     t_p2p = 0.0
     v = INTERLEAVE if lay.schedule == "interleaved" else (a.n_layers // lay.pp if lay.schedule == "layered" else 1)
     if lay.pp > 1:
         link = links["pp"]
         msg = e * lay.micro_batch * s * a.dim / lay.tp
-        t_p2p = 2 * n_micro * v * (msg / link.bandwidth + link.latency)
+        t_p2p = 2 * n_micro * v * (msg / link.bandwidth + max(link.latency, sync))
     t_ep = 0.0
     if lay.ep > 1 and a.moe_experts:
         moe_blocks = len(a.moe_layer_ids()) // lay.pp
         msg = lay.micro_batch * s * a.moe_top_k * a.dim * e / lay.tp
-        t_ep = _ring(4 * n_micro * moe_blocks * msg, "all_to_all", lay.ep, 4 * n_micro * moe_blocks, links["ep"])
+        t_ep = _ring(4 * n_micro * moe_blocks * msg, "all_to_all", lay.ep, 4 * n_micro * moe_blocks, links["ep"],
+                     sync)
     if lay.pp > 1:
         bubble = (lay.pp - 1) / (v * n_micro)
     else:

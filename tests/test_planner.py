@@ -182,6 +182,23 @@ def test_ranks_sharing_cores_fill_the_bubble(tmp_path):
     assert P.step_time(cfg, flat, own)[0] == P.step_time(cfg, flat, shared)[0]
 
 
+def test_sync_floor_is_paid_by_every_call(tmp_path):
+    """device.sync_ms: each collective call costs max(hops x latency, sync), each p2p message
+    max(latency, sync); layered gathers a stage's units once a pass, not once a micro-batch."""
+    (tmp_path / "sync").mkdir()
+    idle, loaded = cpu_network(tmp_path), cpu_network(tmp_path / "sync", sync_ms=2.0)  # latency 0.1 ms a hop
+    cfg = tiny()  # 4 blocks, global batch 16
+    gap = 2e-3 - 1e-4
+    tp = P.Layout(tp=2, dp_shard=2, micro_batch=2)  # m = 4: tp 2 x 4 (4 L + 2) + 2 x 4 calls, FSDP 4 (2 L + 1) + L + 1
+    a, b = P.step_time(cfg, tp, idle)[1], P.step_time(cfg, tp, loaded)[1]
+    assert b["tp"] - a["tp"] == pytest.approx((2 * 4 * 18 + 8) * gap)
+    assert b["dp"] - a["dp"] == pytest.approx((4 * 9 + 5) * gap)
+    layered = P.Layout(pp=2, schedule="layered", dp_shard=2, micro_batch=2)  # stage of 2 blocks, m = 4
+    a, b = P.step_time(cfg, layered, idle)[1], P.step_time(cfg, layered, loaded)[1]
+    assert b["dp"] - a["dp"] == pytest.approx((2 * 2 + 1 + 3) * gap)
+    assert b["pp_p2p"] - a["pp_p2p"] == pytest.approx(2 * 4 * 2 * gap)  # 2 m messages at each of 2 boundaries
+
+
 def test_recompute_costs_a_forward(tmp_path):
     topo = cpu_network(tmp_path)
     cfg = tiny()
@@ -283,7 +300,8 @@ def test_topology_and_device_errors_are_one_line(tmp_path):
                       ("peak_tflops = 1\nmemory_gb = 5\nbandwidth_gbps = 3", r"device.bandwidth_gbps is not a device "
                                                                             "field"),
                       ("peak_tflops = 1\nmemory_gb = 5\noverlap = 1", r"device.overlap = 1 must be true or false"),
-                      ("peak_tflops = 1\nmemory_gb = 5\ncores = 1.5", r"device.cores = 1.5 must be a whole number")):
+                      ("peak_tflops = 1\nmemory_gb = 5\ncores = 1.5", r"device.cores = 1.5 must be a whole number"),
+                      ("peak_tflops = 1\nmemory_gb = 5\nsync_ms = -1", r"device.sync_ms = -1 must be a non-negative")):
         bad.write_text("[device]\n" + text + "\n")
         with pytest.raises(UserError, match=msg):
             P.load_device(bad, "cpu")
