@@ -234,7 +234,8 @@ def pooled(dirs: list[str], predict=None) -> None:
           + "\n|---|---|---|---|" + ("---|---|" if pred else ""))
     for name in rates:
         extra = f" {pred[name]:.0f} | {1 + by_pred.index(name)} |" if pred else ""
-        print(f"| {name} | {len(rates[name])} | {statistics.median(rates[name]):.0f} | {1 + order.index(name)} |{extra}")
+        median = statistics.median(rates[name])
+        print(f"| {name} | {len(rates[name])} | {median:.0f} | {1 + order.index(name)} |{extra}")
     print(f"\nfastest measured over {len(dirs)} runs: {order[0]}"
           + (f"; fastest predicted {by_pred[0]}: {'agree' if by_pred[0] == order[0] else 'DISAGREE'}" if pred else ""))
 
@@ -340,7 +341,8 @@ def main() -> None:
         tp, pp, sched, dpr, dps, mb, ac = spec
         est = estimate(cfg, Layout(tp, pp, sched, dpr, dps, 1, mb, ac), topo)
         rows.append((name, est, mem, tps, rss))
-        print(f"{name}: measured {mem / 2**20:.0f} MiB (RSS {rss / 2**20:.0f}), {tps:.0f} tokens/s; predicted {est.memory.peak / 2**20:.0f} "
+        print(f"{name}: measured {mem / 2**20:.0f} MiB (RSS {rss / 2**20:.0f}), {tps:.0f} tokens/s; predicted "
+              f"{est.memory.peak / 2**20:.0f} "
               f"MiB, {est.tokens_per_s:.0f} tokens/s ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     print("\n| layout | predicted MiB | measured MiB (heap) | error | max RSS MiB | predicted tokens/s | "

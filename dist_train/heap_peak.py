@@ -14,9 +14,9 @@ matmul once it has what backward needs: that matmul's pre-forward sample sees th
 when each of their outputs' gradients arrives in backward; and after each backward and
 optimizer step (the trainer calls `sample`). A temporary that lives only inside one op is
 not seen, nor are Python's small objects (pymalloc maps its own arenas) or memory a library
-maps itself. Off glibc (no `mallinfo2`)
-`available` is False and the trainer reports -1. The hooks cost about 1% of a forward and
-backward of the planner bench's model (8 blocks, dim 256, 1024 tokens: 420 ms against 415 ms).
+maps itself. Off glibc (no `mallinfo2`) `available` is False and the trainer reports -1.
+The hooks cost about 1% of a forward and backward of the planner bench's model (8 blocks,
+dim 256, 1024 tokens: 420 ms against 415 ms).
 """
 from __future__ import annotations
 

@@ -76,8 +76,8 @@ Step time (one optimizer step)
   the compute dtype (tp activations, FSDP's gathered parameters), 4 bytes for the gradient
   reduce-scatter and all-reduce; layered pipelines gather each stage once for the forward
   and once for the backward (2 x 4 P_r in 2 L/p + 1 calls), not per micro-batch (2 L/p + 1
-  calls per micro-batch: each block unit in forward and backward, the root once). A ring collective over n ranks
-  moves (n - 1)/n of the gathered/scattered size per rank, an all-reduce 2 (n - 1)/n, and
+  calls per micro-batch: each block unit in forward and backward, the root once). A ring
+  collective over n ranks moves (n - 1)/n of the gathered/scattered size per rank, an all-reduce 2 (n - 1)/n, and
   pays (n - 1) link latencies per call, or the device's sync floor if that is more:
   T = wire bytes / bandwidth + calls x max((n - 1) x latency, sync); a p2p message pays
   max(latency, sync). sync (device.sync_ms, 0 on the GPU presets): on ranks that share cores
