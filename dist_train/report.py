@@ -49,7 +49,12 @@ def write_report(run_dir: Path) -> Path:
     plot("loss", losses, "loss")
     plot("lr", {"lr": [r["lr"] for r in records]}, "learning rate")
     plot("throughput", {"tokens/s": [r["tokens_per_s"] for r in records]}, "tokens/s")
-    plot("memory", {"peak": [r["peak_memory_bytes"] / 2**30 for r in records]}, "peak memory per rank (GiB)")
+    memory = {"peak": [r["peak_memory_bytes"] / 2**30 for r in records]}
+    allocated = [r.get("peak_allocated_bytes", -1) for r in records]
+    if any(a >= 0 for a in allocated) and allocated != [r["peak_memory_bytes"] for r in records]:  # CPU: RSS and heap
+        memory = {"peak (CPU: max RSS)": memory["peak"],
+                  "live allocations": [a / 2**30 if a >= 0 else nan for a in allocated]}
+    plot("memory", memory, "peak memory per rank (GiB)")
     if any(r.get("mfu") is not None for r in records):  # n/a (null) off the peak-FLOPs table, e.g. CPUs
         plot("mfu", {"MFU": [nan if r.get("mfu") is None else r["mfu"] for r in records]}, "MFU")
     if any(r.get("noise_scale") is not None for r in records):  # metrics.noise_scale; null where not available
@@ -68,6 +73,14 @@ def write_report(run_dir: Path) -> Path:
     return out
 
 
+def _allocated_text(records: list[dict]) -> str:
+    """The live-allocation peak beside the CPU's max RSS (on CUDA the two are the same)."""
+    peak = max(r.get("peak_allocated_bytes", -1) for r in records)
+    if peak < 0 or peak == max(r["peak_memory_bytes"] for r in records):
+        return ""
+    return f" (max RSS; live allocations {peak / 2**30:.2f} GiB)"
+
+
 def write_page(run_dir: Path, out: Path, records: list[dict]) -> Path:
     """`report/index.html`: every PNG of `out` inlined (base64), the summary, the C4
     findings and the resolved config; nothing it links to can go missing."""
@@ -83,7 +96,8 @@ def write_page(run_dir: Path, out: Path, records: list[dict]) -> Path:
         rows.append(("final eval loss", f"{evals[-1]:.4f}"))
     rows += [("median tokens/s", f"{median(r['tokens_per_s'] for r in records):.0f}"),
              ("median MFU", f"{median(mfu):.1%}" if mfu else "n/a (device not in the peak-FLOPs table)"),
-             ("peak memory per rank", f"{max(r['peak_memory_bytes'] for r in records) / 2**30:.2f} GiB"),
+             ("peak memory per rank", f"{max(r['peak_memory_bytes'] for r in records) / 2**30:.2f} GiB"
+              + _allocated_text(records)),
              ("tokens", f"{last['tokens']:,}")]
     if "noise_scale" in last:  # metrics.noise_scale on: the last figure (an EMA), or why there is none
         noise = [r["noise_scale"] for r in records if r.get("noise_scale") is not None]

@@ -19,6 +19,7 @@ def test_prepare_then_train_on_it_then_report(tmp_path):
     assert page.count('src="data:image/png;base64,') == len(list((tmp_path / "own/report").glob("*.png"))) >= 4
     assert "http" not in page and "src=\"" + "report" not in page, "one self-contained page"
     assert "median MFU</th><td>n/a" in page and "seq_len = 32" in page  # MFU on a CPU; the resolved config
+    assert "(max RSS; live allocations " in page  # CPU: the heap peak beside the resident set
 
 
 def test_bad_data_and_report_inputs_are_clear_errors(tmp_path):
