@@ -118,16 +118,21 @@ def _link_worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def measure_link() -> tuple[float, float]:
+def _spawn_ranks(worker) -> dict:
+    """Run `worker(rank, port, out)` on NPROC gloo ranks; what rank 0 wrote to `out` (JSON)."""
     import torch.multiprocessing as tmp
 
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import free_port
 
     with tempfile.TemporaryDirectory() as d:
-        out = str(Path(d) / "link.json")
-        tmp.spawn(_link_worker, args=(free_port(), out), nprocs=NPROC)
-        res = json.loads(Path(out).read_text())
+        out = str(Path(d) / "result.json")
+        tmp.spawn(worker, args=(free_port(), out), nprocs=NPROC)
+        return json.loads(Path(out).read_text())
+
+
+def measure_link() -> tuple[float, float]:
+    res = _spawn_ranks(_link_worker)
     n = NPROC
     latency = res["small"] / (2 * (n - 1))
     bandwidth = 2 * (n - 1) / n * 4 * 4 * 2 ** 20 / (res["big"] - res["small"])
@@ -170,15 +175,7 @@ def measure_sync() -> float:
     """Seconds one synchronising call costs when every rank computes between calls: the
     median time of rounds of matmuls with a 1-float all-reduce after each, less the same
     rounds without, per round (on ranks sharing cores: the wait for the last one scheduled)."""
-    import torch.multiprocessing as tmp
-
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import free_port
-
-    with tempfile.TemporaryDirectory() as d:
-        out = str(Path(d) / "sync.json")
-        tmp.spawn(_sync_worker, args=(free_port(), out), nprocs=NPROC)
-        res = json.loads(Path(out).read_text())
+    res = _spawn_ranks(_sync_worker)
     return max(0.0, (statistics.median(res["synced"]) - statistics.median(res["free"])) / SYNC_ROUNDS)
 
 
@@ -204,6 +201,21 @@ def launch(root: Path, name: str, extra: dict, steps: int) -> list[dict]:
     return [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
 
 
+def planner_cfg(over: dict, topo_file: Path):
+    """The config the planner is given for a run of configs/tiny.toml with `over`."""
+    from dist_train.config import load_config
+
+    sets_ = [f"{k}={v}" for k, v in {**COMMON, **over}.items()] + [f"topology.file={topo_file}"]
+    return load_config(REPO / "configs/tiny.toml", sets_)
+
+
+def planner_layout(spec):
+    from dist_train.planner import Layout
+
+    tp, pp, sched, dpr, dps, mb, ac = spec
+    return Layout(tp, pp, sched, dpr, dps, 1, mb, ac)
+
+
 def layout_sets(spec) -> dict:
     tp, pp, sched, dpr, dps, mb, ac = spec
     return {"parallel.tp": tp, "parallel.pp": pp, "parallel.pp_schedule": sched, "parallel.dp_replicate": dpr,
@@ -227,33 +239,30 @@ def pooled(dirs: list[str], predict=None) -> None:
                 rates.setdefault(name, []).extend(r["tokens_per_s"] for r in recs[1:])
     if not rates:
         raise SystemExit(f"--pool: no layout runs under {' '.join(dirs)}")
-    order = sorted(rates, key=lambda n: -statistics.median(rates[n]))
+    medians = {n: statistics.median(r) for n, r in rates.items()}
+    order = sorted(rates, key=lambda n: -medians[n])
     pred = {n: predict(n) for n in rates} if predict else {}
     by_pred = sorted(pred, key=lambda n: -pred[n])
     print("| layout | steps pooled | median tokens/s | rank |" + (" predicted tokens/s | rank |" if pred else "")
           + "\n|---|---|---|---|" + ("---|---|" if pred else ""))
     for name in rates:
         extra = f" {pred[name]:.0f} | {1 + by_pred.index(name)} |" if pred else ""
-        median = statistics.median(rates[name])
-        print(f"| {name} | {len(rates[name])} | {median:.0f} | {1 + order.index(name)} |{extra}")
+        print(f"| {name} | {len(rates[name])} | {medians[name]:.0f} | {1 + order.index(name)} |{extra}")
     print(f"\nfastest measured over {len(dirs)} runs: {order[0]}"
           + (f"; fastest predicted {by_pred[0]}: {'agree' if by_pred[0] == order[0] else 'DISAGREE'}" if pred else ""))
 
 
 def _predictor(src: Path):
     """The planner's tokens/s for a layout name, with the device and topology files in `src`."""
-    from dist_train.config import load_config
-    from dist_train.planner import Layout, estimate, network
+    from dist_train.planner import estimate, network
 
-    def cfg(over: dict):
-        sets_ = [f"{k}={v}" for k, v in {**COMMON, **MODEL, **over}.items()]
-        return load_config(REPO / "configs/tiny.toml", sets_ + [f"topology.file={src / 'cpu-topology.toml'}"])
-
-    topo = network(cfg({}), NPROC, "cpu", device_file=src / "cpu-device.toml")
+    topo_file = src / "cpu-topology.toml"
+    topo = network(planner_cfg(MODEL, topo_file), NPROC, "cpu", device_file=src / "cpu-device.toml")
 
     def predict(name: str) -> float:
-        tp, pp, sched, dpr, dps, mb, ac = LAYOUTS[name]
-        return estimate(cfg(layout_sets(LAYOUTS[name])), Layout(tp, pp, sched, dpr, dps, 1, mb, ac), topo).tokens_per_s
+        spec = LAYOUTS[name]
+        cfg = planner_cfg({**MODEL, **layout_sets(spec)}, topo_file)
+        return estimate(cfg, planner_layout(spec), topo).tokens_per_s
 
     return predict
 
@@ -276,12 +285,7 @@ def main() -> None:
     root = Path(args.out or tempfile.mkdtemp(prefix="planner-bench-"))
     root.mkdir(parents=True, exist_ok=True)
 
-    from dist_train.config import load_config
     from dist_train.planner import GB, Layout, estimate, load_device, memory_per_rank, network
-
-    def planner_cfg(over: dict, topo_file: Path):
-        sets_ = [f"{k}={v}" for k, v in {**COMMON, **over}.items()] + [f"topology.file={topo_file}"]
-        return load_config(REPO / "configs/tiny.toml", sets_)
 
     if args.device_from:
         src = Path(args.device_from)
@@ -337,9 +341,7 @@ def main() -> None:
         recs = launch(root, name, over, args.steps)
         mem, rss = recs[-1]["peak_allocated_bytes"], recs[-1]["peak_memory_bytes"]
         tps = statistics.median(r["tokens_per_s"] for r in recs[1:])
-        cfg = planner_cfg({**MODEL, **over}, topo_path)
-        tp, pp, sched, dpr, dps, mb, ac = spec
-        est = estimate(cfg, Layout(tp, pp, sched, dpr, dps, 1, mb, ac), topo)
+        est = estimate(planner_cfg({**MODEL, **over}, topo_path), planner_layout(spec), topo)
         rows.append((name, est, mem, tps, rss))
         print(f"{name}: measured {mem / 2**20:.0f} MiB (RSS {rss / 2**20:.0f}), {tps:.0f} tokens/s; predicted "
               f"{est.memory.peak / 2**20:.0f} "
