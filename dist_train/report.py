@@ -50,8 +50,8 @@ def write_report(run_dir: Path) -> Path:
     plot("lr", {"lr": [r["lr"] for r in records]}, "learning rate")
     plot("throughput", {"tokens/s": [r["tokens_per_s"] for r in records]}, "tokens/s")
     memory = {"peak": [r["peak_memory_bytes"] / 2**30 for r in records]}
-    allocated = [r.get("peak_allocated_bytes", -1) for r in records]
-    if any(a >= 0 for a in allocated) and allocated != [r["peak_memory_bytes"] for r in records]:  # CPU: RSS and heap
+    allocated = _live_allocations(records)
+    if allocated is not None:  # CPU: the max RSS and the heap peak
         memory = {"peak (CPU: max RSS)": memory["peak"],
                   "live allocations": [a / 2**30 if a >= 0 else nan for a in allocated]}
     plot("memory", memory, "peak memory per rank (GiB)")
@@ -73,12 +73,19 @@ def write_report(run_dir: Path) -> Path:
     return out
 
 
+def _live_allocations(records: list[dict]) -> list[int] | None:
+    """Each record's peak_allocated_bytes (-1: none) where they tell something the peak
+    memory does not: on CPU (max RSS); None on CUDA (the same numbers) or without them."""
+    allocated = [r.get("peak_allocated_bytes", -1) for r in records]
+    if all(a < 0 for a in allocated) or allocated == [r["peak_memory_bytes"] for r in records]:
+        return None
+    return allocated
+
+
 def _allocated_text(records: list[dict]) -> str:
-    """The live-allocation peak beside the CPU's max RSS (on CUDA the two are the same)."""
-    peak = max(r.get("peak_allocated_bytes", -1) for r in records)
-    if peak < 0 or peak == max(r["peak_memory_bytes"] for r in records):
-        return ""
-    return f" (max RSS; live allocations {peak / 2**30:.2f} GiB)"
+    """The live-allocation peak beside the CPU's max RSS."""
+    allocated = _live_allocations(records)
+    return "" if allocated is None else f" (max RSS; live allocations {max(allocated) / 2**30:.2f} GiB)"
 
 
 def write_page(run_dir: Path, out: Path, records: list[dict]) -> Path:
